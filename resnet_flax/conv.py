@@ -1,0 +1,110 @@
+"""2-D convolution with Keras semantics, computed by XLA's convolution or by matrix products.
+
+Both implementations take the same parameters (kernel in HWIO layout, bias), so a checkpoint or
+Keras weights work with either:
+
+* ``'xla'``  -- ``lax.conv_general_dilated``; the right choice on GPU/TPU.
+* ``'gemm'`` -- the convolution lowered to one matrix product: a 1x1 convolution is a matmul over
+  the N*H*W pixels, a kxk one a matmul over the k*k shifted (strided) slices concatenated along
+  the channel axis (im2col). XLA's CPU backend runs large matmuls far faster than convolutions.
+* ``'auto'`` -- 'gemm' on CPU, 'xla' elsewhere.
+
+Padding follows TensorFlow: 'SAME' pads ``total // 2`` before and the rest after, also for even
+windows such as 2x2.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLEMENTATIONS = ("auto", "xla", "gemm")
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+def resolve_impl(impl: str) -> str:
+    """Maps 'auto' to the implementation that is faster on the default backend."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"conv_impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    if impl == "auto":
+        return "gemm" if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
+def _same_padding(size: int, window: int, stride: int) -> tuple[int, int]:
+    out = -(-size // stride)
+    total = max((out - 1) * stride + window - size, 0)
+    return total // 2, total - total // 2
+
+
+def explicit_padding(
+    spatial: Sequence[int], window: Sequence[int], strides: Sequence[int], padding: str
+) -> Padding:
+    """TensorFlow's padding rule as (before, after) pairs for height and width."""
+    if padding == "VALID":
+        return ((0, 0), (0, 0))
+    if padding == "SAME":
+        return tuple(_same_padding(n, k, s) for n, k, s in zip(spatial, window, strides))
+    raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
+
+
+def conv_xla(x: jax.Array, kernel: jax.Array, strides: Sequence[int], pads: Padding) -> jax.Array:
+    return lax.conv_general_dilated(
+        x, kernel, tuple(strides), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def conv_gemm(x: jax.Array, kernel: jax.Array, strides: Sequence[int], pads: Padding) -> jax.Array:
+    kh, kw, cin, cout = kernel.shape
+    sh, sw = strides
+    if any(p for pair in pads for p in pair):
+        x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    n, h, w, _ = x.shape
+    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+
+    def shifted(i: int, j: int) -> jax.Array:
+        # The input pixels that kernel tap (i, j) sees, for every output position.
+        start = (0, i, j, 0)
+        limit = (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin)
+        return lax.slice(x, start, limit, (1, sh, sw, 1))
+
+    taps = [shifted(i, j) for i in range(kh) for j in range(kw)]
+    patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+    # Row-major (kh, kw, cin) matches the order of the concatenated taps.
+    y = patches.reshape(n * ho * wo, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)
+    return y.reshape(n, ho, wo, cout)
+
+
+def conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: Sequence[int] = (1, 1),
+    padding: str = "VALID",
+    impl: str = "auto",
+) -> jax.Array:
+    """NHWC input, HWIO kernel, TensorFlow padding, no bias."""
+    pads = explicit_padding(x.shape[1:3], kernel.shape[:2], strides, padding)
+    if resolve_impl(impl) == "gemm":
+        return conv_gemm(x, kernel, strides, pads)
+    return conv_xla(x, kernel, strides, pads)
+
+
+class Conv2D(nn.Module):
+    """Keras ``Conv2D``: bias on, Glorot-uniform kernel, zero bias, 'VALID' or TF 'SAME' padding."""
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    padding: str = "VALID"
+    impl: str = "auto"
+    kernel_init: nn.initializers.Initializer = nn.initializers.glorot_uniform()
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel_shape = (*self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, kernel_shape, jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        return conv2d(x, kernel, self.strides, self.padding, self.impl) + bias

@@ -1,0 +1,73 @@
+"""Both convolution implementations against a direct NumPy convolution with TensorFlow padding."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_flax import conv
+
+
+def reference_conv(x, kernel, strides, padding):
+    """A loop-over-taps convolution written from the definition, with TF padding computed by hand."""
+    n, h, w, cin = x.shape
+    kh, kw, _, cout = kernel.shape
+    sh, sw = strides
+    if padding == "SAME":
+        oh, ow = -(-h // sh), -(-w // sw)
+        ph, pw = max((oh - 1) * sh + kh - h, 0), max((ow - 1) * sw + kw - w, 0)
+        x = np.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    else:
+        oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    out = np.zeros((n, oh, ow, cout), np.float64)
+    for i, j in itertools.product(range(kh), range(kw)):
+        patch = x[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
+        out += patch @ kernel[i, j]
+    return out
+
+
+# The shapes ResNet-50 uses: 1x1 stride 1 and 2, 3x3 'same', 7x7/2 'valid', and the even f=2 'same'.
+CASES = [
+    ((2, 15, 15, 8), (1, 1, 8, 16), (1, 1), "VALID"),
+    ((2, 15, 15, 8), (1, 1, 8, 16), (2, 2), "VALID"),
+    ((2, 8, 8, 8), (3, 3, 8, 8), (1, 1), "SAME"),
+    ((2, 70, 70, 3), (7, 7, 3, 8), (2, 2), "VALID"),
+    ((3, 4, 4, 6), (2, 2, 6, 4), (1, 1), "SAME"),
+    ((2, 5, 5, 4), (3, 3, 4, 4), (2, 2), "SAME"),
+]
+
+
+@pytest.mark.parametrize("x_shape, k_shape, strides, padding", CASES)
+def test_implementations_match_reference_and_each_other(x_shape, k_shape, strides, padding):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    kernel = rng.standard_normal(k_shape).astype(np.float32)
+    expected = reference_conv(x.astype(np.float64), kernel.astype(np.float64), strides, padding)
+
+    def loss(impl):
+        def f(x, k):
+            return jnp.sum(jnp.sin(conv.conv2d(x, k, strides, padding, impl)))
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+    outputs = {impl: conv.conv2d(x, kernel, strides, padding, impl) for impl in ("xla", "gemm")}
+    for impl, out in outputs.items():
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4, err_msg=impl)
+    (vx, gx), (vg, gg) = loss("xla")(x, kernel), loss("gemm")(x, kernel)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(vx, vg, rtol=1e-5)
+    np.testing.assert_allclose(gx[0], gg[0], atol=1e-5 * scale)
+    np.testing.assert_allclose(gx[1], gg[1], atol=1e-5 * scale * x_shape[0] * x_shape[1] * x_shape[2])
+
+
+def test_tensorflow_same_padding_puts_the_extra_pixel_after():
+    assert conv.explicit_padding((4, 4), (2, 2), (1, 1), "SAME") == ((0, 1), (0, 1))
+    assert conv.explicit_padding((15, 15), (3, 3), (1, 1), "SAME") == ((1, 1), (1, 1))
+    assert conv.explicit_padding((4, 4), (3, 3), (2, 2), "SAME") == ((0, 1), (0, 1))
+    assert conv.explicit_padding((9, 9), (7, 7), (2, 2), "VALID") == ((0, 0), (0, 0))
+
+
+def test_unknown_implementation_is_rejected():
+    with pytest.raises(ValueError, match="conv_impl"):
+        conv.resolve_impl("winograd")

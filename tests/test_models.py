@@ -1,0 +1,169 @@
+"""The assignment's blocks and ResNet-50: shapes, parameter counts, names and BatchNorm semantics."""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_flax import models
+from resnet_flax.errors import UserError
+
+
+def count(tree) -> int:
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+def block_input():
+    return jnp.asarray(np.random.default_rng(1).standard_normal((3, 4, 4, 6)), jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "block, expected_shape",
+    [
+        (models.IdentityBlock(filters=(2, 4, 6), kernel_size=2, stage=1, block="a"), (3, 4, 4, 6)),
+        (models.ConvolutionalBlock(filters=(2, 4, 6), kernel_size=2, stage=1, block="a", strides=2),
+         (3, 2, 2, 6)),
+    ],
+    ids=["identity", "convolutional"],
+)
+@pytest.mark.parametrize("conv_impl", ["xla", "gemm"])
+def test_assignment_block_checks(block, expected_shape, conv_impl):
+    block = block.clone(conv_impl=conv_impl)
+    x = block_input()
+    variables = block.init(jax.random.key(0), x, train=False)
+    for train in (False, True):
+        out, _ = block.apply(variables, x, train=train, mutable=["batch_stats"])
+        assert out.shape == expected_shape
+        assert bool(jnp.all(out >= 0)), "blocks end in a ReLU"
+        other, _ = block.apply(variables, x + 1.0, train=train, mutable=["batch_stats"])
+        assert not np.allclose(out, other), "the output must depend on the input"
+
+
+def test_identity_block_adds_its_input():
+    # With the last BatchNorm's scale and shift at zero the main path contributes nothing, so the
+    # block must return relu(input) exactly.
+    block = models.IdentityBlock(filters=(2, 4, 6), kernel_size=2, stage=1, block="a")
+    x = block_input()
+    variables = block.init(jax.random.key(0), x, train=False)
+    params = jax.tree.map(lambda a: a, variables["params"])
+    params["bn1a_branch2c"]["scale"] = jnp.zeros(6)
+    out = block.apply({**variables, "params": params}, x, train=False)
+    np.testing.assert_array_equal(out, jax.nn.relu(x))
+
+
+@pytest.fixture(scope="module")
+def resnet50_shapes():
+    model = models.ResNet50(num_classes=6)
+    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape), train=False))
+    logits, state = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"], capture_intermediates=True),
+        variables, x,
+    )
+    return variables, logits, state["intermediates"]
+
+
+def test_resnet50_parameter_counts_match_keras_summary(resnet50_shapes):
+    variables, _, _ = resnet50_shapes
+    assert set(variables) == {"params", "batch_stats"}
+    assert count(variables) == 23_600_006
+    assert count(variables["params"]) == 23_546_886
+    assert count(variables["batch_stats"]) == 53_120
+
+
+def test_resnet50_intermediate_shapes(resnet50_shapes):
+    _, logits, inter = resnet50_shapes
+    assert inter["conv1"]["__call__"][0].shape == (2, 32, 32, 64)
+    expected = {
+        "stage1": (15, 15, 64),  # after the max-pool
+        "stage2": (15, 15, 256),
+        "stage3": (8, 8, 512),
+        "stage4": (4, 4, 1024),
+        "stage5": (2, 2, 2048),
+        "avg_pool": (1, 1, 2048),
+    }
+    for name, shape in expected.items():
+        assert inter[name][0].shape == (2, *shape), name
+    assert logits.shape == (2, 6)
+
+
+def test_resnet50_has_every_keras_layer_name(resnet50_shapes):
+    variables, _, _ = resnet50_shapes
+    paths = models.keras_layer_paths(variables)
+    convs = [n for n in paths if n == "conv1" or re.fullmatch(r"res\d[a-f]_branch(1|2[abc])", n)]
+    norms = [n for n in paths if n == "bn_conv1" or re.fullmatch(r"bn\d[a-f]_branch(1|2[abc])", n)]
+    assert len(convs) == 53 and len(norms) == 53
+    assert set(paths) == set(convs) | set(norms) | {"fc6"}
+    expected_blocks = {2: "abc", 3: "abcd", 4: "abcdef", 5: "abc"}
+    for stage, letters in expected_blocks.items():
+        for letter in letters:
+            for branch in ("2a", "2b", "2c") + (("1",) if letter == "a" else ()):
+                assert f"res{stage}{letter}_branch{branch}" in paths
+                assert f"bn{stage}{letter}_branch{branch}" in paths
+    # Conv layers carry a bias (Keras default); each BatchNorm path also holds its batch_stats.
+    assert set(variables["params"]["block3b"]["res3b_branch2b"]) == {"kernel", "bias"}
+    assert variables["params"]["block3b"]["res3b_branch2b"]["kernel"].shape == (3, 3, 128, 128)
+    bn_path = paths["bn4a_branch1"]
+    assert set(variables["batch_stats"][bn_path[0]][bn_path[1]]) == {"mean", "var"}
+
+
+def test_unknown_model_name_is_a_user_error():
+    with pytest.raises(UserError, match="config.model.*'resnet51'"):
+        models.create_model("resnet51", num_classes=6)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = models.create_model("resnet_tiny", num_classes=6)
+    x = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 16, 16, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), x, train=False)
+    return model, variables, x
+
+
+def test_train_mode_updates_batch_stats_by_the_momentum_rule(tiny):
+    model, variables, x = tiny
+    # Non-trivial running statistics so that the rule is checked on both terms.
+    stats = jax.tree.map(lambda a: a + 0.5, variables["batch_stats"])
+    variables = {**variables, "batch_stats": stats}
+    _, updated = model.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"],
+                             capture_intermediates=lambda mdl, _: mdl.name == "conv1")
+    conv1_out = updated["intermediates"]["conv1"]["__call__"][0]
+    batch_mean = conv1_out.mean(axis=(0, 1, 2))
+    batch_var = conv1_out.var(axis=(0, 1, 2))
+    new = updated["batch_stats"]["bn_conv1"]
+    np.testing.assert_allclose(new["mean"], 0.99 * stats["bn_conv1"]["mean"] + 0.01 * batch_mean,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new["var"], 0.99 * stats["bn_conv1"]["var"] + 0.01 * batch_var,
+                               rtol=1e-5, atol=1e-6)
+    for before, after in zip(jax.tree.leaves(stats), jax.tree.leaves(updated["batch_stats"])):
+        assert not np.allclose(before, after)
+
+
+def test_inference_mode_is_per_example_and_leaves_batch_stats_alone(tiny):
+    model, variables, x = tiny
+    logits, state = model.apply(variables, x, train=False, mutable=["batch_stats"])
+    for before, after in zip(jax.tree.leaves(variables["batch_stats"]), jax.tree.leaves(state["batch_stats"])):
+        np.testing.assert_array_equal(before, after)
+    one_at_a_time = jnp.concatenate([model.apply(variables, x[i:i + 1], train=False) for i in range(4)])
+    np.testing.assert_allclose(logits, one_at_a_time, rtol=1e-5, atol=1e-6)
+    # In training mode the batch statistics couple the examples.
+    train_logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    train_first, _ = model.apply(variables, x[:2], train=True, mutable=["batch_stats"])
+    assert not np.allclose(train_logits[:2], train_first, atol=1e-4)
+
+
+def test_mode_keyword_is_required(tiny):
+    model, variables, x = tiny
+    with pytest.raises(TypeError):
+        model.apply(variables, x)
+
+
+def test_plain_twin_has_no_shortcut_layers():
+    plain = models.create_model("plain50", num_classes=6)
+    variables = jax.eval_shape(lambda: plain.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
+    names = models.keras_layer_paths(variables)
+    assert not any(n.endswith("_branch1") for n in names)
+    assert len(names) == 53 - 4 + 53 - 4 + 1
