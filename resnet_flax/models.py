@@ -51,7 +51,7 @@ class IdentityBlock(nn.Module):
     residual: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
         f1, f2, f3 = self.filters
         f = self.kernel_size
         conv_name, bn_name = layer_name_bases(self.stage, self.block)
@@ -62,11 +62,11 @@ class IdentityBlock(nn.Module):
         shortcut = x
 
         x = conv(f1, (1, 1), padding="VALID", name=conv_name + "2a")(x)
-        x = nn.relu(norm(name=bn_name + "2a")(x))
+        x = nn.relu(norm(name=bn_name + "2a")(x, mask=mask))
         x = conv(f2, (f, f), padding="SAME", name=conv_name + "2b")(x)
-        x = nn.relu(norm(name=bn_name + "2b")(x))
+        x = nn.relu(norm(name=bn_name + "2b")(x, mask=mask))
         x = conv(f3, (1, 1), padding="VALID", name=conv_name + "2c")(x)
-        x = norm(name=bn_name + "2c")(x)
+        x = norm(name=bn_name + "2c")(x, mask=mask)
 
         if self.residual:
             x = x + shortcut
@@ -87,7 +87,7 @@ class ConvolutionalBlock(nn.Module):
     residual: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
         f1, f2, f3 = self.filters
         f, s = self.kernel_size, self.strides
         conv_name, bn_name = layer_name_bases(self.stage, self.block)
@@ -98,15 +98,15 @@ class ConvolutionalBlock(nn.Module):
         shortcut = x
 
         x = conv(f1, (1, 1), strides=(s, s), padding="VALID", name=conv_name + "2a")(x)
-        x = nn.relu(norm(name=bn_name + "2a")(x))
+        x = nn.relu(norm(name=bn_name + "2a")(x, mask=mask))
         x = conv(f2, (f, f), padding="SAME", name=conv_name + "2b")(x)
-        x = nn.relu(norm(name=bn_name + "2b")(x))
+        x = nn.relu(norm(name=bn_name + "2b")(x, mask=mask))
         x = conv(f3, (1, 1), padding="VALID", name=conv_name + "2c")(x)
-        x = norm(name=bn_name + "2c")(x)
+        x = norm(name=bn_name + "2c")(x, mask=mask)
 
         if self.residual:
             shortcut = conv(f3, (1, 1), strides=(s, s), padding="VALID", name=conv_name + "1")(shortcut)
-            shortcut = norm(name=bn_name + "1")(shortcut)
+            shortcut = norm(name=bn_name + "1")(shortcut, mask=mask)
             x = x + shortcut
         return nn.relu(x)
 
@@ -143,12 +143,20 @@ class ResNet(nn.Module):
     residual: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        """Logits for NHWC images ``x``.
+
+        ``mask`` (bool, one per example) leaves padding examples out of the batch statistics in
+        training mode, so a padded batch of 32 holding 24 real examples normalises exactly as a
+        batch of those 24 would; the examples' own outputs are unaffected by it.
+        """
+        if mask is not None:
+            mask = mask.reshape(-1, 1, 1, 1)
         x = jnp.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)))
         x = Conv2D(self.stem_features, (7, 7), strides=(2, 2), impl=self.conv_impl, name="conv1")(x)
         x = nn.BatchNorm(
             use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="bn_conv1"
-        )(x)
+        )(x, mask=mask)
         x = nn.relu(x)
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
         self.sow("intermediates", "stage1", x)
@@ -167,9 +175,9 @@ class ResNet(nn.Module):
                     name=f"block{stage}{letter}",
                 )
                 if b == 0:
-                    x = ConvolutionalBlock(strides=1 if index == 0 else 2, **common)(x, train=train)
+                    x = ConvolutionalBlock(strides=1 if index == 0 else 2, **common)(x, train=train, mask=mask)
                 else:
-                    x = IdentityBlock(**common)(x, train=train)
+                    x = IdentityBlock(**common)(x, train=train, mask=mask)
             self.sow("intermediates", f"stage{stage}", x)
 
         x = nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")

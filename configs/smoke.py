@@ -1,0 +1,18 @@
+"""A tiny ResNet (2 stages, 8-16 channels) for 2 epochs on SIGNS: seconds, for tests and a first look.
+
+Run it:   python -m resnet_flax.main --config=configs/smoke.py --workdir=runs/smoke
+Time:     TODO(measure) on a 2-core x86-64 CPU, most of it compiling.
+Expect:   the same output files as a real run; accuracies a little above chance (1/6).
+"""
+
+from resnet_flax.config import default_config
+
+
+def get_config():
+    config = default_config()
+    config.model = "resnet_tiny"
+    config.num_epochs = 2
+    config.batch_size = 64
+    config.eval_batch_size = 60
+    config.steps_per_chunk = 17
+    return config

@@ -1,0 +1,77 @@
+"""The run configuration: its fields, defaults and checks. Config files in configs/ start from here."""
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from resnet_flax.errors import UserError
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field a run reads, with the assignment's values."""
+    config = ml_collections.ConfigDict()
+
+    # Data. data_dir '' searches config -> $SIGNS_DATA_DIR -> ./datasets -> ../shared/data/signs.
+    config.data_dir = ""
+    config.data_format = "auto"  # 'auto' | 'h5' | 'jpg'
+    config.image_size = 64
+    config.num_classes = 6
+    config.augment = False  # random shifts (4 px) and horizontal flips, on the device
+
+    # Model: one of resnet_flax.models.MODELS; conv 'auto' | 'xla' | 'gemm'.
+    config.model = "resnet50"
+    config.conv_impl = "auto"
+
+    # Optimisation: Adam with Keras's defaults.
+    config.learning_rate = 1e-3
+    config.adam_b1 = 0.9
+    config.adam_b2 = 0.999
+    config.adam_eps = 1e-7
+    config.weight_decay = 0.0  # > 0 switches to AdamW
+    config.lr_schedule = "constant"  # 'constant' | 'cosine' (with linear warm-up)
+    config.warmup_epochs = 0.0
+    config.label_smoothing = 0.0
+
+    config.batch_size = 32
+    config.eval_batch_size = 40
+    config.num_epochs = 2
+    config.seed = 0
+    # Steps per compiled call: the largest divisor of the epoch's steps up to this (34 -> 2).
+    config.steps_per_chunk = 8
+
+    return config
+
+
+def validate(config: ml_collections.ConfigDict, num_train: int) -> None:
+    """Stops on config values that cannot work, naming the field."""
+    if config.batch_size <= 0 or config.batch_size > num_train:
+        raise UserError(f"config.batch_size must be in [1, {num_train}] (the training set size), "
+                        f"got {config.batch_size}")
+    if config.eval_batch_size <= 0:
+        raise UserError(f"config.eval_batch_size must be >= 1, got {config.eval_batch_size}")
+    if config.num_epochs < 0:
+        raise UserError(f"config.num_epochs must be >= 0, got {config.num_epochs}")
+    if not config.learning_rate > 0:
+        raise UserError(f"config.learning_rate must be > 0, got {config.learning_rate}")
+    if config.steps_per_chunk < 1:
+        raise UserError(f"config.steps_per_chunk must be >= 1, got {config.steps_per_chunk}")
+    if config.lr_schedule not in ("constant", "cosine"):
+        raise UserError(f"config.lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}")
+    devices = jax.device_count()
+    for field in ("batch_size", "eval_batch_size"):
+        if config[field] % devices:
+            raise UserError(f"config.{field}={config[field]} is not divisible by the "
+                            f"{devices} devices it is split across")
+
+
+def load_config_file(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config([arg])`` of a config file, as ``--config=path[:arg]`` would load it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()

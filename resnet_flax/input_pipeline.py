@@ -1,0 +1,205 @@
+"""SIGNS: load the course's h5 files or a folder of JPEGs, check them, and order them into batches.
+
+Images stay uint8 in memory and on the device; :func:`normalize` (pixels / 255) is applied inside
+the compiled step, and by ``predict`` to its images, so training and prediction preprocess alike.
+
+Where the data is looked for, in order: ``config.data_dir``, the ``SIGNS_DATA_DIR`` environment
+variable, ``./datasets``, then ``shared/data/signs`` next to the repository (``../shared/data/signs``
+from its root). A directory holds the data if it has ``train_signs.h5`` and ``test_signs.h5``, or
+the JPEG folders ``train_signs/`` and ``test_signs/`` of ``{label}_IMG_{id}.jpg`` files.
+"""
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+import h5py
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from resnet_flax.errors import UserError
+
+REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SEARCH_PATH = (Path("datasets"), REPOSITORY_ROOT.parent / "shared" / "data" / "signs")
+DATA_DIR_ENV = "SIGNS_DATA_DIR"
+SPLITS = ("train", "test")
+FORMATS = ("auto", "h5", "jpg")
+_JPEG_NAME = re.compile(r"^(\d+)_.*\.(jpe?g|png)$", re.IGNORECASE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8 (N, H, W, 3)
+    labels: np.ndarray  # int32 (N,)
+    source: str  # where it was read from, for messages
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    train: Split
+    test: Split
+    num_classes: int
+
+
+def normalize(images) -> jnp.ndarray:
+    """uint8 pixels to float32 in [0, 1]: the assignment's ``X / 255.``."""
+    return jnp.asarray(images, jnp.float32) / 255.0
+
+
+def _holds_data(directory: Path, data_format: str) -> bool:
+    h5 = all((directory / f"{s}_signs.h5").is_file() for s in SPLITS)
+    jpg = all((directory / f"{s}_signs").is_dir() for s in SPLITS)
+    return {"auto": h5 or jpg, "h5": h5, "jpg": jpg}[data_format]
+
+
+def find_data_dir(data_dir: str | None = None, data_format: str = "auto") -> Path:
+    """The first directory that holds SIGNS; an explicitly given one must hold it."""
+    if data_format not in FORMATS:
+        raise UserError(f"config.data_format must be one of {FORMATS}, got {data_format!r}")
+    explicit = [("config.data_dir", data_dir), (f"${DATA_DIR_ENV}", os.environ.get(DATA_DIR_ENV))]
+    what = "train_signs.h5 and test_signs.h5, or train_signs/ and test_signs/ JPEG folders"
+    for source, value in explicit:
+        if value:
+            directory = Path(value).expanduser()
+            if not _holds_data(directory, data_format):
+                raise UserError(f"{source}={value}: expected a directory with {what}")
+            return directory
+    for directory in DEFAULT_SEARCH_PATH:
+        if _holds_data(directory, data_format):
+            return directory
+    looked = ", ".join(str(d.resolve()) for d in DEFAULT_SEARCH_PATH)
+    raise UserError(
+        f"SIGNS data not found: looked in {looked} for {what}; "
+        f"set config.data_dir or ${DATA_DIR_ENV}"
+    )
+
+
+def _check_split(images, labels, source: str, num_classes: int, image_size: int) -> Split:
+    expected = (image_size, image_size, 3)
+    if images.dtype != np.uint8:
+        raise UserError(f"{source}: images must be uint8 pixels, got dtype {images.dtype}")
+    if images.ndim != 4 or images.shape[1:] != expected:
+        raise UserError(f"{source}: images must have shape (N, {', '.join(map(str, expected))}), "
+                        f"got {images.shape}")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (len(images),):
+        raise UserError(f"{source}: labels must be {len(images)} integers, one per image, "
+                        f"got dtype {labels.dtype} and shape {labels.shape}")
+    if len(images) == 0:
+        raise UserError(f"{source}: holds no images")
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        raise UserError(f"{source}: label {labels[bad][0]} is outside [0, {num_classes}) "
+                        f"(config.num_classes={num_classes})")
+    return Split(images, labels.astype(np.int32), source)
+
+
+def load_h5_split(path: Path, split: str, num_classes: int, image_size: int = 64) -> Split:
+    """``{split}_set_x`` / ``{split}_set_y`` from one of the course's h5 files."""
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    keys = (f"{split}_set_x", f"{split}_set_y")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in keys if k not in f]
+            if missing:
+                raise UserError(f"{path}: missing dataset {missing[0]!r}; "
+                                f"expected {list(keys)}, found {sorted(f)}")
+            images, labels = f[keys[0]][()], f[keys[1]][()]
+    except OSError as e:
+        raise UserError(f"{path}: not a readable HDF5 file ({e})") from None
+    return _check_split(images, labels, str(path), num_classes, image_size)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image file as uint8 RGB (H, W, 3); a file PIL cannot decode is a UserError."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: not a readable image ({e})") from None
+
+
+def load_jpg_split(folder: Path, num_classes: int, image_size: int = 64) -> Split:
+    """A folder of ``{label}_IMG_{id}.jpg`` files, in file-name order."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: folder not found")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images, labels = [], []
+    for path in files:
+        match = _JPEG_NAME.match(path.name)
+        if not match:
+            raise UserError(f"{path}: file name has no label; expected '{{label}}_IMG_{{id}}.jpg'")
+        image = read_image(path)
+        if image.shape != (image_size, image_size, 3):
+            raise UserError(f"{path}: image is {image.shape[1]}x{image.shape[0]}, "
+                            f"expected {image_size}x{image_size}")
+        images.append(image)
+        labels.append(int(match.group(1)))
+    if not images:
+        raise UserError(f"{folder}: no '{{label}}_IMG_{{id}}.jpg' files")
+    return _check_split(np.stack(images), np.asarray(labels), str(folder), num_classes, image_size)
+
+
+def load_dataset(config) -> Dataset:
+    """Reads SIGNS as ``config`` says (data_dir, data_format, num_classes, image_size)."""
+    directory = find_data_dir(config.get("data_dir"), config.get("data_format", "auto"))
+    use_h5 = config.get("data_format", "auto") == "h5" or (
+        config.get("data_format", "auto") == "auto" and _holds_data(directory, "h5")
+    )
+    splits = {}
+    for split in SPLITS:
+        if use_h5:
+            splits[split] = load_h5_split(directory / f"{split}_signs.h5", split,
+                                          config.num_classes, config.image_size)
+        else:
+            splits[split] = load_jpg_split(directory / f"{split}_signs", config.num_classes,
+                                           config.image_size)
+    return Dataset(splits["train"], splits["test"], config.num_classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching: every example once per epoch, in an order that depends on (seed, epoch) alone.
+
+
+def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The training examples' order in ``epoch``: a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def batch_indices(order: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``order`` cut into batches, the last one padded (index 0) and masked out.
+
+    Returns ``indices`` int32 (steps, batch_size) and ``mask`` bool (steps, batch_size): every
+    example appears exactly once among the unmasked entries, so nothing is dropped.
+    """
+    steps = -(-len(order) // batch_size)
+    indices = np.zeros(steps * batch_size, np.int32)
+    mask = np.zeros(steps * batch_size, bool)
+    indices[: len(order)] = order
+    mask[: len(order)] = True
+    return indices.reshape(steps, batch_size), mask.reshape(steps, batch_size)
+
+
+def augment(images: jnp.ndarray, key, max_shift: int = 4, flip: bool = True) -> jnp.ndarray:
+    """Random shifts of up to ``max_shift`` pixels (zero fill) and horizontal flips, per example.
+
+    Runs on the device inside the training step. A flipped hand shows the same number of fingers,
+    so flips keep the label.
+    """
+    import jax  # the loaders above need only NumPy
+
+    n, h, w, c = images.shape
+    shift_key, flip_key = jax.random.split(key)
+    padded = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
+    offsets = jax.random.randint(shift_key, (n, 2), 0, 2 * max_shift + 1)
+    crop = lambda image, offset: jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+    images = jax.vmap(crop)(padded, offsets)
+    if flip:
+        flips = jax.random.bernoulli(flip_key, 0.5, (n, 1, 1, 1))
+        images = jnp.where(flips, images[:, :, ::-1, :], images)
+    return images

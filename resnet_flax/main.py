@@ -1,0 +1,39 @@
+"""Train and evaluate: ``python -m resnet_flax.main --config=configs/signs.py --workdir=runs/signs``.
+
+Config fields can be overridden on the command line (``--config.num_epochs=20``). Without
+``--workdir`` the run goes to ``runs/<config file name>``; a workdir that holds checkpoints resumes.
+"""
+
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from resnet_flax import train
+from resnet_flax.errors import UserError
+
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go (default: runs/<config>).")
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+def default_workdir(config_path: str) -> str:
+    return str(Path("runs") / Path(config_path.split(":")[0]).stem)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # JAX's backend probing is noise for a user
+    workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
+    try:
+        train.train_and_evaluate(FLAGS.config, workdir)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,108 @@
+"""What a run reports: a progress bar, a Keras-like line per epoch, JSON lines, TensorBoard, a plot.
+
+Only the writer for process 0 writes files; the others are quiet (``enabled=False``).
+"""
+
+import json
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import tqdm
+
+EPOCH_FIELDS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+                "seconds", "images_per_second")
+
+
+def progress_bar(total: int, epoch: int, num_epochs: int, enabled: bool = True) -> tqdm.tqdm:
+    """A bar over the epoch's training examples; off when stderr is not a terminal."""
+    return tqdm.tqdm(total=total, desc=f"Epoch {epoch}/{num_epochs}", unit="img", leave=False,
+                     disable=None if enabled else True, file=sys.stderr, dynamic_ncols=True)
+
+
+def keras_line(record: Mapping[str, float], num_epochs: int, steps: int) -> str:
+    """``Epoch 1/2 - 34 steps - 41s - loss: 2.0155 - accuracy: 0.3694 - test_loss: ...``."""
+    return (
+        f"Epoch {record['epoch']}/{num_epochs} - {steps} steps - {record['seconds']:.0f}s "
+        f"({record['images_per_second']:.0f} img/s) - loss: {record['train_loss']:.4f} - "
+        f"accuracy: {record['train_accuracy']:.4f} - test_loss: {record['test_loss']:.4f} - "
+        f"test_accuracy: {record['test_accuracy']:.4f}"
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_json(path: Path, obj) -> None:
+    """Writes through a temporary file so a killed run never leaves half a JSON file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+class MetricsWriter:
+    """Per-epoch records to ``metrics.jsonl`` and TensorBoard event files in ``workdir``."""
+
+    def __init__(self, workdir: Path, enabled: bool = True):
+        self.workdir = Path(workdir)
+        self.enabled = enabled
+        self._tensorboard = None
+        if enabled:
+            from tensorboardX import SummaryWriter  # imported here: heavy, and only process 0 needs it
+
+            self._tensorboard = SummaryWriter(str(self.workdir / "tensorboard"))
+
+    @property
+    def jsonl_path(self) -> Path:
+        return self.workdir / "metrics.jsonl"
+
+    def keep_epochs_before(self, epoch: int) -> list[dict]:
+        """Drops records of epochs >= ``epoch`` (a resumed run redoes them) and returns the rest."""
+        records = [r for r in read_jsonl(self.jsonl_path) if r["epoch"] < epoch]
+        if self.enabled:
+            tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+            tmp.replace(self.jsonl_path)
+        return records
+
+    def write_epoch(self, record: Mapping[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        with self.jsonl_path.open("a") as f:
+            f.write(json.dumps(dict(record)) + "\n")
+        for name, value in record.items():
+            if name != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+                self._tensorboard.add_scalar(name, value, step)
+        self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def plot_curves(records: Sequence[Mapping[str, float]], path: Path, title: str = "") -> None:
+    """Loss and accuracy per epoch, train and test, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in records]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "test"):
+        ax_loss.plot(epochs, [r[f"{split}_loss"] for r in records], "o-", label=split)
+        ax_acc.plot(epochs, [r[f"{split}_accuracy"] for r in records], "o-", label=split)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

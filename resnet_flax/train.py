@@ -1,0 +1,283 @@
+"""Training and evaluation: the train state, the compiled steps, and the loop that ties them.
+
+An epoch runs on the device: the dataset is placed there once, the epoch's batches are index
+arrays, and ``lax.scan`` runs a chunk of steps per call (the progress bar moves between chunks).
+The last, partial batch is padded and masked (BatchNorm statistics and the loss ignore the
+padding), so every training example is used each epoch and evaluation counts each test example
+exactly once.
+"""
+
+import functools
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+from jax import lax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from resnet_flax import config as config_lib
+from resnet_flax import input_pipeline, metrics, models
+from resnet_flax.errors import UserError
+
+
+class TrainState(train_state.TrainState):
+    """Step, params, optimizer state, and BatchNorm's running statistics."""
+
+    batch_stats: Any
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Adam with Keras's defaults (lr 1e-3, b1 0.9, b2 0.999, eps 1e-7) unless the config says otherwise."""
+    learning_rate = config.learning_rate
+    if config.lr_schedule == "cosine":
+        total = max(config.num_epochs * steps_per_epoch, 1)
+        warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
+        learning_rate = optax.warmup_cosine_decay_schedule(
+            0.0, config.learning_rate, max(warmup, 1), total, end_value=0.0)
+    adam = dict(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
+    if config.weight_decay:
+        return optax.adamw(learning_rate, weight_decay=config.weight_decay, **adam)
+    return optax.adam(learning_rate, **adam)
+
+
+def create_train_state(config, model, steps_per_epoch: int) -> TrainState:
+    """Fresh parameters from ``config.seed``."""
+    dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(config.seed), dummy)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        tx=make_optimizer(config, steps_per_epoch),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+    """Per-example softmax cross-entropy (the assignment's categorical_crossentropy)."""
+    targets = jax.nn.one_hot(labels, num_classes)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def _sums(per_example_loss, logits, labels, mask) -> dict[str, jax.Array]:
+    """Loss and hit sums over the real (unmasked) examples: they add up exactly across batches."""
+    weight = mask.astype(jnp.float32)
+    return {
+        "loss_sum": jnp.sum(per_example_loss * weight),
+        "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * weight),
+        "count": jnp.sum(weight),
+    }
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
+               num_classes: int, label_smoothing: float = 0.0, augment: bool = False):
+    """One Adam step on a batch of uint8 images; returns the new state and the batch's sums."""
+    images = input_pipeline.normalize(batch["image"])
+    if augment:
+        images = input_pipeline.augment(images, jax.random.fold_in(rng, state.step))
+    labels, mask = batch["label"], batch["mask"]
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            images, train=True, mask=mask, mutable=["batch_stats"])
+        per_example = cross_entropy(logits, labels, num_classes, label_smoothing)
+        loss = jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1)
+        return loss, (per_example, logits, updates["batch_stats"])
+
+    grads, (per_example, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    return state, _sums(per_example, logits, labels, mask)
+
+
+def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, num_classes: int):
+    """Inference-mode sums on a batch (running BatchNorm statistics, nothing updated)."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits = state.apply_fn(variables, input_pipeline.normalize(batch["image"]), train=False)
+    per_example = cross_entropy(logits, batch["label"], num_classes)
+    return _sums(per_example, logits, batch["label"], batch["mask"])
+
+
+def _scan_batches(step_fn, carry, images, labels, indices, mask):
+    """Runs ``step_fn(carry, batch)`` over the rows of ``indices`` and sums the per-step sums."""
+
+    def body(carry, xs):
+        idx, m = xs
+        return step_fn(carry, {"image": images[idx], "label": labels[idx], "mask": m})
+
+    carry, sums = lax.scan(body, carry, (indices, mask))
+    return carry, jax.tree.map(jnp.sum, sums)
+
+
+def make_train_chunk(config):
+    """``(state, images, labels, indices, mask, rng) -> (state, sums)``: len(indices) steps in one
+    compiled call, the state's buffers donated."""
+    step = functools.partial(train_step, num_classes=config.num_classes,
+                             label_smoothing=config.label_smoothing, augment=config.augment)
+
+    def train_chunk(state, images, labels, indices, mask, rng):
+        return _scan_batches(lambda s, b: step(s, b, rng), state, images, labels, indices, mask)
+
+    return jax.jit(train_chunk, donate_argnums=0)
+
+
+def make_evaluate(config):
+    """``(state, images, labels, indices, mask) -> sums`` over all given batches in one call."""
+    step = functools.partial(eval_step, num_classes=config.num_classes)
+
+    def evaluate(state, images, labels, indices, mask):
+        _, sums = _scan_batches(lambda s, b: (s, step(s, b)), state, images, labels, indices, mask)
+        return sums
+
+    return jax.jit(evaluate)
+
+
+def summarize(sums: Mapping[str, Any]) -> dict[str, float]:
+    sums = jax.device_get(sums)
+    count = float(sums["count"])
+    return {"loss": float(sums["loss_sum"]) / count, "accuracy": float(sums["correct"]) / count,
+            "count": int(count)}
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    """Chunks of equal length keep the compiled scan to one shape."""
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _check_finite(sums: Mapping[str, float], epoch: int, step: int) -> None:
+    if not math.isfinite(sums["loss"]):
+        raise TrainingDiverged(
+            f"training diverged: the loss is {sums['loss']} in epoch {epoch} by step {step}; "
+            f"no checkpoint was written for it (try a lower config.learning_rate)")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Trains ``config.model`` on SIGNS, evaluating after every epoch; returns the summary.
+
+    Writes ``config.json``, ``metrics.jsonl``, ``summary.json``, ``curves.png`` and TensorBoard
+    events into ``workdir``.
+    """
+    workdir = Path(workdir)
+    is_main_process = jax.process_index() == 0
+    dataset = input_pipeline.load_dataset(config)
+    config_lib.validate(config, len(dataset.train))
+    model = models.create_model(config.model, num_classes=config.num_classes, conv_impl=config.conv_impl)
+    num_train, batch_size = len(dataset.train), config.batch_size
+    steps_per_epoch = -(-num_train // batch_size)
+    chunk = largest_divisor_at_most(steps_per_epoch, config.steps_per_chunk)
+
+    # One 'data' axis over every device: batches are split along it, everything else replicated.
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    replicated = NamedSharding(mesh, P())
+    along_batch = NamedSharding(mesh, P(None, "data"))
+    state = jax.device_put(create_train_state(config, model, steps_per_epoch), replicated)
+    train_images, train_labels, test_images, test_labels = jax.device_put(
+        (dataset.train.images, dataset.train.labels, dataset.test.images, dataset.test.labels),
+        replicated)
+    test_indices, test_mask = jax.device_put(
+        input_pipeline.batch_indices(np.arange(len(dataset.test)), config.eval_batch_size), along_batch)
+    rng = jax.device_put(jax.random.key(config.seed), replicated)
+
+    if is_main_process:
+        workdir.mkdir(parents=True, exist_ok=True)
+        metrics.write_json(workdir / "config.json", config.to_dict())
+        print(f"number of training examples = {num_train}\nnumber of test examples = {len(dataset.test)}\n"
+              f"data: {dataset.train.source}, {dataset.test.source}\n"
+              f"model: {config.model} ({config.conv_impl} conv), {jax.device_count()} "
+              f"{jax.default_backend()} device(s), {steps_per_epoch} steps of {batch_size} per epoch")
+
+    start = time.perf_counter()
+    example_chunk = jax.device_put(
+        tuple(a[:chunk] for a in input_pipeline.batch_indices(np.arange(num_train), batch_size)), along_batch)
+    train_chunk = make_train_chunk(config).lower(
+        state, train_images, train_labels, *example_chunk, rng).compile()
+    evaluate = make_evaluate(config).lower(
+        state, test_images, test_labels, test_indices, test_mask).compile()
+    compile_seconds = time.perf_counter() - start
+
+    def test_metrics():
+        return summarize(evaluate(state, test_images, test_labels, test_indices, test_mask))
+
+    writer = metrics.MetricsWriter(workdir, enabled=is_main_process)
+    first_epoch = int(state.step) // steps_per_epoch + 1
+    records = writer.keep_epochs_before(first_epoch)
+    for epoch in range(first_epoch, config.num_epochs + 1):
+        indices, mask = input_pipeline.batch_indices(
+            input_pipeline.epoch_order(config.seed, epoch, num_train), batch_size)
+        totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+        bar = metrics.progress_bar(num_train, epoch, config.num_epochs, enabled=is_main_process)
+        epoch_start = time.perf_counter()
+        for begin in range(0, steps_per_epoch, chunk):
+            chunk_inputs = jax.device_put((indices[begin:begin + chunk], mask[begin:begin + chunk]),
+                                          along_batch)
+            state, sums = train_chunk(state, train_images, train_labels, *chunk_inputs, rng)
+            for name, value in jax.device_get(sums).items():
+                totals[name] += float(value)
+            so_far = summarize(totals)
+            _check_finite(so_far, epoch, begin + chunk)
+            bar.update(int(np.sum(mask[begin:begin + chunk])))
+            bar.set_postfix(loss=f"{so_far['loss']:.4f}", accuracy=f"{so_far['accuracy']:.4f}",
+                            img_per_s=f"{so_far['count'] / (time.perf_counter() - epoch_start):.0f}")
+        seconds = time.perf_counter() - epoch_start
+        bar.close()
+        train, test = summarize(totals), test_metrics()
+        record = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+                  "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+                  "seconds": seconds, "images_per_second": num_train / seconds}
+        records.append(record)
+        writer.write_epoch(record, step=int(state.step))
+        if is_main_process:
+            print(metrics.keras_line(record, config.num_epochs, steps_per_epoch), flush=True)
+    writer.close()
+
+    test = test_metrics()
+    last = records[-1] if records else {}
+    epoch_seconds = [r["seconds"] for r in records]
+    summary = {
+        "test_loss": test["loss"],
+        "test_accuracy": test["accuracy"],
+        "train_loss": last.get("train_loss"),
+        "train_accuracy": last.get("train_accuracy"),
+        "epochs": len(records),
+        "steps": int(state.step),
+        "epoch_seconds": epoch_seconds,
+        "compile_seconds": compile_seconds,
+        "images_per_second": num_train * len(records) / sum(epoch_seconds) if records else None,
+        "backend": jax.default_backend(),
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+        "model": config.model,
+        "conv_impl": config.conv_impl,
+    }
+    if is_main_process:
+        metrics.write_json(workdir / "summary.json", summary)
+        if records:
+            metrics.plot_curves(records, workdir / "curves.png", title=f"{config.model} on SIGNS")
+        print(f"Test Loss = {test['loss']:.4f}\nTest Accuracy = {test['accuracy']:.4f}", flush=True)
+    return summary

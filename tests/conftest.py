@@ -1,0 +1,76 @@
+"""Shared fixtures: the real SIGNS data next to the repository, small configs, and h5 writers."""
+
+from pathlib import Path
+
+import h5py
+import jax
+import numpy as np
+import pytest
+
+from resnet_flax import input_pipeline
+from resnet_flax.config import default_config, load_config_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def signs_dir() -> Path:
+    """The SIGNS h5 files as a fresh clone finds them (../shared/data/signs)."""
+    return input_pipeline.find_data_dir(str(input_pipeline.DEFAULT_SEARCH_PATH[-1]))
+
+
+@pytest.fixture(scope="session")
+def signs_jpg_dir(signs_dir) -> Path:
+    return signs_dir.parent / "signs_jpg"
+
+
+def smoke_config(**overrides):
+    """configs/smoke.py with overrides: the tiny ResNet the training tests run."""
+    config = load_config_file(REPO / "configs" / "smoke.py")
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return config
+
+
+def write_signs_h5(directory: Path, num_train=48, num_test=12, size=64, seed=0, **tamper):
+    """A small SIGNS-layout pair of h5 files; ``tamper`` replaces or drops datasets by key."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", num_train), ("test", num_test)):
+        data = {
+            f"{split}_set_x": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+            f"{split}_set_y": rng.integers(0, 6, n).astype(np.int64),
+            "list_classes": np.arange(6),
+        }
+        for key, value in tamper.items():
+            if key in data:
+                data[key] = value
+        with h5py.File(directory / f"{split}_signs.h5", "w") as f:
+            for key, value in data.items():
+                if value is not None:
+                    f[key] = value
+    return directory
+
+
+@pytest.fixture
+def config():
+    return default_config()
+
+
+def assert_states_close(a, b, rtol=1e-4, atol=1e-6):
+    """Params and batch statistics of two train states agree, except the conv biases.
+
+    Every conv bias feeds a BatchNorm, which subtracts it again: its true gradient is zero and
+    what is computed is float rounding, which Adam scales up to steps of about +-lr. Two
+    computations that differ only in rounding therefore disagree there, and nowhere else.
+    """
+    def leaves(state):
+        flat = jax.tree_util.tree_leaves_with_path({"params": state.params, "batch_stats": state.batch_stats})
+        named = {jax.tree_util.keystr(path): leaf for path, leaf in flat}
+        return {k: v for k, v in named.items()
+                if not (k.endswith("['bias']") and ("['res" in k or "['conv1']" in k))}
+
+    leaves_a, leaves_b = leaves(a), leaves(b)
+    assert leaves_a.keys() == leaves_b.keys() and len(leaves_a) > 20
+    for name in leaves_a:
+        np.testing.assert_allclose(leaves_a[name], leaves_b[name], rtol=rtol, atol=atol, err_msg=name)

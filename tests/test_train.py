@@ -1,0 +1,181 @@
+"""Training end to end on the smoke config, determinism, masking, and the compiled steps."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, assert_states_close, smoke_config, write_signs_h5
+from resnet_flax import config as config_lib
+from resnet_flax import input_pipeline, models, train
+from resnet_flax.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """configs/smoke.py trained twice from scratch in separate workdirs."""
+    runs = []
+    for name in ("first", "second"):
+        workdir = tmp_path_factory.mktemp(name)
+        runs.append((workdir, train.train_and_evaluate(smoke_config(), workdir)))
+    return runs
+
+
+def test_smoke_run_writes_every_output(smoke_runs):
+    workdir, summary = smoke_runs[0]
+    config = smoke_config()
+    assert json.loads((workdir / "config.json").read_text())["model"] == "resnet_tiny"
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, config.num_epochs + 1))
+    for record in records:
+        assert set(record) == {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+                               "seconds", "images_per_second"}
+        assert 0 <= record["train_accuracy"] <= 1 and np.isfinite(record["train_loss"])
+    saved = json.loads((workdir / "summary.json").read_text())
+    assert saved == summary
+    assert saved["steps"] == config.num_epochs * 17  # 1080 = 16 x 64 + 56: the partial batch counts
+    assert saved["test_accuracy"] == records[-1]["test_accuracy"]
+    assert saved["train_loss"] == records[-1]["train_loss"]
+    assert len(saved["epoch_seconds"]) == config.num_epochs and saved["compile_seconds"] > 0
+    assert saved["backend"] == jax.default_backend() and saved["device_count"] == jax.device_count()
+    assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    # Each test example is counted exactly once: accuracy is a multiple of 1/120.
+    assert abs(saved["test_accuracy"] * 120 - round(saved["test_accuracy"] * 120)) < 1e-9
+
+
+def test_same_config_and_seed_give_identical_metrics(smoke_runs):
+    (dir_a, a), (dir_b, b) = smoke_runs
+    timing = {"epoch_seconds", "compile_seconds", "images_per_second"}
+    assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "images_per_second")}
+                          for line in (path / "metrics.jsonl").read_text().splitlines()]
+    assert strip(dir_a) == strip(dir_b)
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps, on a tiny model and a handful of real images
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(signs_dir):
+    config = smoke_config(batch_size=8)
+    split = input_pipeline.load_h5_split(signs_dir / "train_signs.h5", "train", 6)
+    model = models.create_model(config.model, num_classes=6, conv_impl="xla")
+    state = train.create_train_state(config, model, steps_per_epoch=10)
+    return config, state, split.images[:40], split.labels[:40]
+
+
+def batch_of(images, labels, indices, mask=None):
+    mask = np.ones(len(indices), bool) if mask is None else mask
+    return {"image": jnp.asarray(images[indices]), "label": jnp.asarray(labels[indices]),
+            "mask": jnp.asarray(mask)}
+
+
+def test_loss_goes_down_on_a_fixed_batch(tiny_setup):
+    config, state, images, labels = tiny_setup
+    step = jax.jit(lambda s, b: train.train_step(s, b, jax.random.key(0), num_classes=6))
+    batch = batch_of(images, labels, np.arange(16))
+    losses = []
+    for _ in range(15):
+        state, sums = step(state, batch)
+        losses.append(float(sums["loss_sum"] / sums["count"]))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_padded_batch_trains_exactly_like_the_real_examples_alone(tiny_setup):
+    _, state, images, labels = tiny_setup
+    step = jax.jit(lambda s, b: train.train_step(s, b, jax.random.key(0), num_classes=6))
+    real = np.arange(6)
+    padded = np.concatenate([real, [30, 31]])  # two real-looking padding examples
+    mask = np.array([True] * 6 + [False] * 2)
+    state_real, sums_real = step(state, batch_of(images, labels, real))
+    state_padded, sums_padded = step(state, batch_of(images, labels, padded, mask))
+    assert float(sums_padded["count"]) == 6
+    np.testing.assert_allclose(sums_padded["loss_sum"], sums_real["loss_sum"], rtol=1e-5)
+    assert_states_close(state_real, state_padded)
+
+
+def test_evaluation_of_a_partial_last_batch_equals_unpadded(tiny_setup):
+    config, state, images, labels = tiny_setup
+    evaluate = train.make_evaluate(config)
+    # 30 examples in batches of 8: the last of four batches holds 6 real examples and 2 padding.
+    indices, mask = input_pipeline.batch_indices(np.arange(30), 8)
+    padded = train.summarize(evaluate(state, images, labels, indices, mask))
+    indices, mask = input_pipeline.batch_indices(np.arange(30), 10)  # 3 full batches, no padding
+    assert mask.all()
+    unpadded = train.summarize(evaluate(state, images, labels, indices, mask))
+    assert padded["count"] == unpadded["count"] == 30
+    assert padded["accuracy"] == unpadded["accuracy"]
+    np.testing.assert_allclose(padded["loss"], unpadded["loss"], rtol=1e-6)
+
+
+def test_scanned_chunk_equals_the_per_step_loop(tiny_setup):
+    config, state, images, labels = tiny_setup
+    indices, mask = input_pipeline.batch_indices(input_pipeline.epoch_order(0, 1, 36), 8)  # 4 + 4/8
+    rng = jax.random.key(0)
+    step = jax.jit(lambda s, b: train.train_step(s, b, rng, num_classes=6))
+    looped, loop_sums = state, []
+    for idx, m in zip(indices, mask):
+        looped, sums = step(looped, batch_of(images, labels, idx, m))
+        loop_sums.append(sums)
+    chunk = train.make_train_chunk(config)
+    scanned, scan_sums = chunk(jax.tree.map(jnp.copy, state), images, labels, indices, mask, rng)
+    assert int(scanned.step) == int(looped.step) == 5
+    # Five Adam steps move weights by up to 5e-3; rounding differences of the two programs show
+    # up at 1e-5 in weights whose gradient is near zero (Adam divides by its size).
+    assert_states_close(looped, scanned, atol=5e-5)
+    total = {k: sum(float(s[k]) for s in loop_sums) for k in scan_sums}
+    np.testing.assert_allclose([float(scan_sums[k]) for k in total], list(total.values()), rtol=1e-5)
+
+
+def test_nan_loss_stops_training(tmp_path):
+    config = smoke_config(learning_rate=1e38, num_epochs=1)  # weights overflow float32
+    with pytest.raises(train.TrainingDiverged, match=r"training diverged: the loss is (nan|inf) in epoch 1"):
+        train.train_and_evaluate(config, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad config values and bad data stop the command line with one clear line
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("batch_size", 0, r"config.batch_size must be in \[1, 1080\]"),
+        ("batch_size", 1081, r"config.batch_size must be in \[1, 1080\].*got 1081"),
+        ("num_epochs", -1, "config.num_epochs must be >= 0, got -1"),
+        ("learning_rate", 0.0, "config.learning_rate must be > 0"),
+        ("lr_schedule", "linear", "config.lr_schedule must be"),
+    ],
+)
+def test_impossible_config_values(config, field, value, message):
+    config[field] = value
+    with pytest.raises(UserError, match=message):
+        config_lib.validate(config, num_train=1080)
+
+
+def run_main(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "resnet_flax.main", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_command_line_reports_bad_input_in_one_line(tmp_path):
+    """A bad override, a missing data directory and corrupt data: one line each, exit status 1."""
+    bad_h5 = write_signs_h5(tmp_path / "bad", train_set_x=np.zeros((48, 64, 64), np.uint8))
+    cases = [
+        (["--config.model=resnet51"], "config.model: unknown model 'resnet51'"),
+        (["--config.batch_size=-4"], "config.batch_size must be in [1, 1080]"),
+        ([f"--config.data_dir={tmp_path / 'missing'}"], f"config.data_dir={tmp_path / 'missing'}"),
+        ([f"--config.data_dir={bad_h5}"], "train_signs.h5: images must have shape (N, 64, 64, 3)"),
+    ]
+    for overrides, message in cases:
+        result = run_main("--config=configs/smoke.py", f"--workdir={tmp_path / 'run'}", *overrides)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("error: "), result.stderr
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr
