@@ -41,6 +41,14 @@ def default_config() -> ml_collections.ConfigDict:
     # Steps per compiled call: the largest divisor of the epoch's steps up to this (34 -> 2).
     config.steps_per_chunk = 8
 
+    # Checkpoints in <workdir>/checkpoints: a workdir that has them resumes from the newest.
+    config.checkpoint_every_epochs = 1
+    config.keep_checkpoints = 3
+    # Start a new run from another run's checkpoint (a workdir or its checkpoints/ folder):
+    # weights only, or weights and optimizer state (step included) with restore_optimizer.
+    config.restore_from = ""
+    config.restore_optimizer = False
+
     return config
 
 
@@ -59,6 +67,10 @@ def validate(config: ml_collections.ConfigDict, num_train: int) -> None:
         raise UserError(f"config.steps_per_chunk must be >= 1, got {config.steps_per_chunk}")
     if config.lr_schedule not in ("constant", "cosine"):
         raise UserError(f"config.lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}")
+    if config.checkpoint_every_epochs < 1:
+        raise UserError(f"config.checkpoint_every_epochs must be >= 1, got {config.checkpoint_every_epochs}")
+    if config.keep_checkpoints < 1:
+        raise UserError(f"config.keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
     devices = jax.device_count()
     for field in ("batch_size", "eval_batch_size"):
         if config[field] % devices:

@@ -12,6 +12,7 @@ the JPEG folders ``train_signs/`` and ``test_signs/`` of ``{label}_IMG_{id}.jpg`
 import dataclasses
 import os
 import re
+import warnings
 from pathlib import Path
 
 import h5py
@@ -115,12 +116,21 @@ def load_h5_split(path: Path, split: str, num_classes: int, image_size: int = 64
     return _check_split(images, labels, str(path), num_classes, image_size)
 
 
-def read_image(path: Path) -> np.ndarray:
-    """An image file as uint8 RGB (H, W, 3); a file PIL cannot decode is a UserError."""
+def read_image(path: Path, transform=None) -> np.ndarray:
+    """An image file as uint8 RGB (H, W, 3); ``transform`` maps the PIL image first.
+
+    A file PIL cannot decode, a truncated one, and one of more than ``Image.MAX_IMAGE_PIXELS``
+    pixels (a decompression bomb: tiny on disk, gigabytes decoded) are each a UserError.
+    """
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image = transform(image) if transform else image
+                return np.asarray(image.convert("RGB"))
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: image too large to decode safely ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise UserError(f"{path}: not a readable image ({e})") from None
 
 

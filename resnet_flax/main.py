@@ -26,7 +26,7 @@ def default_workdir(config_path: str) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # JAX's backend probing is noise for a user
+    logging.set_verbosity(logging.ERROR)  # JAX and orbax info is noise for a user
     workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
     try:
         train.train_and_evaluate(FLAGS.config, workdir)

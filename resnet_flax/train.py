@@ -25,7 +25,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resnet_flax import config as config_lib
-from resnet_flax import input_pipeline, metrics, models
+from resnet_flax import checkpoints, input_pipeline, metrics, models
 from resnet_flax.errors import UserError
 
 
@@ -112,10 +112,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     return state, _sums(per_example, logits, labels, mask)
 
 
-def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, num_classes: int):
+def eval_step(apply_fn, variables: Mapping, batch: Mapping[str, jax.Array], *, num_classes: int):
     """Inference-mode sums on a batch (running BatchNorm statistics, nothing updated)."""
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    logits = state.apply_fn(variables, input_pipeline.normalize(batch["image"]), train=False)
+    logits = apply_fn(variables, input_pipeline.normalize(batch["image"]), train=False)
     per_example = cross_entropy(logits, batch["label"], num_classes)
     return _sums(per_example, logits, batch["label"], batch["mask"])
 
@@ -143,12 +142,12 @@ def make_train_chunk(config):
     return jax.jit(train_chunk, donate_argnums=0)
 
 
-def make_evaluate(config):
-    """``(state, images, labels, indices, mask) -> sums`` over all given batches in one call."""
-    step = functools.partial(eval_step, num_classes=config.num_classes)
+def make_evaluate(apply_fn, num_classes: int):
+    """``(variables, images, labels, indices, mask) -> sums`` over all given batches in one call."""
+    step = functools.partial(eval_step, apply_fn, num_classes=num_classes)
 
-    def evaluate(state, images, labels, indices, mask):
-        _, sums = _scan_batches(lambda s, b: (s, step(s, b)), state, images, labels, indices, mask)
+    def evaluate(variables, images, labels, indices, mask):
+        _, sums = _scan_batches(lambda v, b: (v, step(v, b)), variables, images, labels, indices, mask)
         return sums
 
     return jax.jit(evaluate)
@@ -164,6 +163,43 @@ def summarize(sums: Mapping[str, Any]) -> dict[str, float]:
 def largest_divisor_at_most(n: int, limit: int) -> int:
     """Chunks of equal length keep the compiled scan to one shape."""
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: a TrainState is saved as two orbax items, so weights can be read without the rest.
+
+
+def split_state(state: TrainState) -> tuple[dict, dict]:
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return variables, {"opt_state": state.opt_state, "step": state.step}
+
+
+def abstract(tree):
+    """Shapes, dtypes and shardings: the target a checkpoint is restored into."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def save_checkpoint(checkpointer: checkpoints.Checkpointer, epoch: int, state: TrainState, config) -> None:
+    variables, optimizer = split_state(state)
+    checkpointer.save(epoch, variables, optimizer, config)
+
+
+def restore_or_keep(state: TrainState, config, checkpointer: checkpoints.Checkpointer) -> tuple[TrainState, int]:
+    """Resumes from the workdir's newest good checkpoint, else starts from ``config.restore_from``
+    if set, else keeps the fresh ``state``. Returns the state and the last completed epoch."""
+    variables, optimizer = (abstract(tree) for tree in split_state(state))
+    restored = checkpointer.restore_latest(variables, optimizer)
+    if restored is not None:
+        variables, optimizer, epoch = restored
+        print(f"Resuming from {checkpointer.root / str(epoch)} (epoch {epoch})", flush=True)
+        return state.replace(**variables, **optimizer), epoch
+    if config.restore_from:
+        variables, optimizer = checkpoints.restore_variables(
+            config.restore_from, variables, optimizer=optimizer if config.restore_optimizer else None)
+        what = "weights and optimizer state" if config.restore_optimizer else "weights"
+        print(f"Starting from the {what} of {config.restore_from}", flush=True)
+        return state.replace(**variables, **(optimizer or {})), 0
+    return state, 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +233,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     replicated = NamedSharding(mesh, P())
     along_batch = NamedSharding(mesh, P(None, "data"))
     state = jax.device_put(create_train_state(config, model, steps_per_epoch), replicated)
+    checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
+    state, last_epoch = restore_or_keep(state, config, checkpointer)
     train_images, train_labels, test_images, test_labels = jax.device_put(
         (dataset.train.images, dataset.train.labels, dataset.test.images, dataset.test.labels),
         replicated)
@@ -217,15 +255,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         tuple(a[:chunk] for a in input_pipeline.batch_indices(np.arange(num_train), batch_size)), along_batch)
     train_chunk = make_train_chunk(config).lower(
         state, train_images, train_labels, *example_chunk, rng).compile()
-    evaluate = make_evaluate(config).lower(
-        state, test_images, test_labels, test_indices, test_mask).compile()
+    evaluate = make_evaluate(model.apply, config.num_classes).lower(
+        split_state(state)[0], test_images, test_labels, test_indices, test_mask).compile()
     compile_seconds = time.perf_counter() - start
 
     def test_metrics():
-        return summarize(evaluate(state, test_images, test_labels, test_indices, test_mask))
+        return summarize(evaluate(split_state(state)[0], test_images, test_labels, test_indices, test_mask))
 
     writer = metrics.MetricsWriter(workdir, enabled=is_main_process)
-    first_epoch = int(state.step) // steps_per_epoch + 1
+    first_epoch = last_epoch + 1
     records = writer.keep_epochs_before(first_epoch)
     for epoch in range(first_epoch, config.num_epochs + 1):
         indices, mask = input_pipeline.batch_indices(
@@ -254,7 +292,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         writer.write_epoch(record, step=int(state.step))
         if is_main_process:
             print(metrics.keras_line(record, config.num_epochs, steps_per_epoch), flush=True)
+        if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs:
+            save_checkpoint(checkpointer, epoch, state, config)
     writer.close()
+    checkpointer.close()
 
     test = test_metrics()
     last = records[-1] if records else {}

@@ -74,3 +74,34 @@ def assert_states_close(a, b, rtol=1e-4, atol=1e-6):
     assert leaves_a.keys() == leaves_b.keys() and len(leaves_a) > 20
     for name in leaves_a:
         np.testing.assert_allclose(leaves_a[name], leaves_b[name], rtol=rtol, atol=atol, err_msg=name)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """configs/smoke.py trained once for the session: (workdir, summary). Tests must not modify
+    the workdir; copy it first."""
+    from resnet_flax import train
+
+    workdir = tmp_path_factory.mktemp("smoke_run")
+    return workdir, train.train_and_evaluate(smoke_config(), workdir)
+
+
+def checkpoint_trees(workdir, epoch=None):
+    """(variables, optimizer) of a checkpoint as NumPy trees, restored without a model."""
+    import orbax.checkpoint as ocp
+
+    from resnet_flax import checkpoints
+
+    root = checkpoints.checkpoint_root(workdir)
+    with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+        epoch = manager.latest_step() if epoch is None else epoch
+        restored = manager.restore(epoch, args=ocp.args.Composite(
+            variables=ocp.args.StandardRestore(), optimizer=ocp.args.StandardRestore()))
+    return jax.tree.map(np.asarray, dict(restored["variables"])), jax.tree.map(np.asarray, dict(restored["optimizer"]))
+
+
+def assert_trees_equal(a, b):
+    """Bitwise: same structure, same values."""
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)

@@ -9,20 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_states_close, smoke_config, write_signs_h5
+from conftest import (REPO, assert_states_close, assert_trees_equal, checkpoint_trees, smoke_config,
+                      write_signs_h5)
 from resnet_flax import config as config_lib
 from resnet_flax import input_pipeline, models, train
 from resnet_flax.errors import UserError
 
 
 @pytest.fixture(scope="module")
-def smoke_runs(tmp_path_factory):
+def smoke_runs(smoke_run, tmp_path_factory):
     """configs/smoke.py trained twice from scratch in separate workdirs."""
-    runs = []
-    for name in ("first", "second"):
-        workdir = tmp_path_factory.mktemp(name)
-        runs.append((workdir, train.train_and_evaluate(smoke_config(), workdir)))
-    return runs
+    workdir = tmp_path_factory.mktemp("second")
+    return [smoke_run, (workdir, train.train_and_evaluate(smoke_config(), workdir))]
 
 
 def test_smoke_run_writes_every_output(smoke_runs):
@@ -55,6 +53,7 @@ def test_same_config_and_seed_give_identical_metrics(smoke_runs):
     strip = lambda path: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "images_per_second")}
                           for line in (path / "metrics.jsonl").read_text().splitlines()]
     assert strip(dir_a) == strip(dir_b)
+    assert_trees_equal(checkpoint_trees(dir_a), checkpoint_trees(dir_b))  # bitwise on one machine
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,13 +101,14 @@ def test_padded_batch_trains_exactly_like_the_real_examples_alone(tiny_setup):
 
 def test_evaluation_of_a_partial_last_batch_equals_unpadded(tiny_setup):
     config, state, images, labels = tiny_setup
-    evaluate = train.make_evaluate(config)
+    evaluate = train.make_evaluate(state.apply_fn, num_classes=6)
+    variables = train.split_state(state)[0]
     # 30 examples in batches of 8: the last of four batches holds 6 real examples and 2 padding.
     indices, mask = input_pipeline.batch_indices(np.arange(30), 8)
-    padded = train.summarize(evaluate(state, images, labels, indices, mask))
+    padded = train.summarize(evaluate(variables, images, labels, indices, mask))
     indices, mask = input_pipeline.batch_indices(np.arange(30), 10)  # 3 full batches, no padding
     assert mask.all()
-    unpadded = train.summarize(evaluate(state, images, labels, indices, mask))
+    unpadded = train.summarize(evaluate(variables, images, labels, indices, mask))
     assert padded["count"] == unpadded["count"] == 30
     assert padded["accuracy"] == unpadded["accuracy"]
     np.testing.assert_allclose(padded["loss"], unpadded["loss"], rtol=1e-6)

@@ -1,0 +1,166 @@
+"""Orbax checkpoints of a run: saved after epochs, resumed from the newest good one, checked
+against the model before anything is loaded.
+
+Layout: ``<workdir>/checkpoints/<epoch>/`` holds four items --
+``variables`` (params and batch_stats), ``optimizer`` (optimizer state and step), ``config`` (the
+run's config as JSON, so a checkpoint is usable without the config file) and ``progress``
+(epoch, step). Weights-only restores read ``variables`` alone.
+
+Saves are synchronous and atomic (orbax writes a temporary directory and renames it when
+complete), so a killed run leaves only complete checkpoints. A checkpoint that fails to restore
+is reported, moved to ``<workdir>/damaged_checkpoints/`` (never deleted) and the one before it is
+used.
+"""
+
+import shutil
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from resnet_flax.errors import UserError
+
+CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+def checkpoint_root(path: str | Path) -> Path:
+    """Accepts a workdir or its ``checkpoints`` folder."""
+    path = Path(path).expanduser().resolve()
+    return path if path.name == CHECKPOINT_DIR else path / CHECKPOINT_DIR
+
+
+def _manager(root: Path, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
+    # Handlers named up front, so a fresh manager can read metadata before any save.
+    handlers = {"variables": ocp.StandardCheckpointHandler(), "optimizer": ocp.StandardCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(), "progress": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(root, options=options, item_handlers=handlers)
+
+
+def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): tuple(leaf.shape)
+            for path, leaf in leaves}
+
+
+def check_matches(saved, expected, where: str, what: str) -> None:
+    """Stops, naming the first differing path, unless ``saved`` has exactly ``expected``'s structure
+    and shapes."""
+    saved_shapes, expected_shapes = _flat_shapes(saved), _flat_shapes(expected)
+    for path, shape in expected_shapes.items():
+        if path not in saved_shapes:
+            raise UserError(f"{where}: {what} {path} is missing from the checkpoint "
+                            f"(it holds {sorted(saved_shapes)[:4]}...)")
+        if saved_shapes[path] != shape:
+            raise UserError(f"{where}: {what} {path} has shape {saved_shapes[path]} in the checkpoint "
+                            f"but {shape} in the model being built")
+    extra = sorted(set(saved_shapes) - set(expected_shapes))
+    if extra:
+        raise UserError(f"{where}: the checkpoint has {what} {extra[0]} that the model being built lacks")
+
+
+class Checkpointer:
+    """Saves and restores a run's checkpoints in ``<workdir>/checkpoints``."""
+
+    def __init__(self, workdir: str | Path, keep: int = 3):
+        self.workdir = Path(workdir)
+        self.root = checkpoint_root(workdir)
+        self._manager = _manager(self.root, keep=keep)
+
+    def save(self, epoch: int, variables: Mapping, optimizer: Mapping,
+             config: ml_collections.ConfigDict) -> None:
+        step = int(jax.device_get(optimizer["step"]))
+        self._manager.save(epoch, args=ocp.args.Composite(
+            variables=ocp.args.StandardSave(variables),
+            optimizer=ocp.args.StandardSave(optimizer),
+            config=ocp.args.JsonSave(config.to_dict()),
+            progress=ocp.args.JsonSave({"epoch": epoch, "step": step}),
+        ))
+        self._manager.wait_until_finished()
+
+    def restore_latest(self, variables: Mapping, optimizer: Mapping) -> tuple[dict, dict, int] | None:
+        """The newest checkpoint that restores, as (variables, optimizer, epoch); None if none.
+
+        ``variables`` and ``optimizer`` are abstract targets (shapes, dtypes, shardings). A
+        checkpoint that does not fit them is the user's mistake and stops the run; one that is
+        damaged is moved aside and the previous one is tried.
+        """
+        for epoch in sorted(self._manager.all_steps(), reverse=True):
+            where = str(self.root / str(epoch))
+            try:
+                check_matches(self._manager.item_metadata(epoch)["variables"], variables, where, "variable")
+                check_matches(self._manager.item_metadata(epoch)["optimizer"], optimizer, where,
+                              "optimizer entry")
+                restored = self._manager.restore(epoch, args=ocp.args.Composite(
+                    variables=ocp.args.StandardRestore(variables), optimizer=ocp.args.StandardRestore(optimizer)))
+            except UserError:
+                raise
+            except Exception as e:  # damaged: orbax raises many types for missing/truncated files
+                self._set_aside(epoch, e)
+                continue
+            return dict(restored["variables"]), dict(restored["optimizer"]), epoch
+        return None
+
+    def _set_aside(self, epoch: int, error: Exception) -> None:
+        target = self.workdir / DAMAGED_DIR / f"{epoch}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.root / str(epoch)), str(target))
+        print(f"warning: checkpoint {self.root / str(epoch)} is damaged ({type(error).__name__}: "
+              f"{str(error).splitlines()[0][:200]}); moved it to {target} and trying the one before",
+              file=sys.stderr, flush=True)
+        self._manager.reload()
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def latest_epoch(path: str | Path) -> int:
+    root = checkpoint_root(path)
+    if not root.is_dir():
+        raise UserError(f"{path}: no checkpoints (expected a workdir holding {CHECKPOINT_DIR}/)")
+    manager = _manager(root, read_only=True)
+    epoch = manager.latest_step()
+    manager.close()
+    if epoch is None:
+        raise UserError(f"{root}: holds no complete checkpoint")
+    return epoch
+
+
+def load_config(path: str | Path, epoch: int | None = None) -> ml_collections.ConfigDict:
+    """The config saved with a checkpoint (the latest unless ``epoch`` is given)."""
+    root = checkpoint_root(path)
+    epoch = latest_epoch(path) if epoch is None else epoch
+    manager = _manager(root, read_only=True)
+    try:
+        saved = manager.restore(epoch, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    finally:
+        manager.close()
+    return ml_collections.ConfigDict(saved["config"])
+
+
+def restore_variables(path: str | Path, variables: Mapping, epoch: int | None = None,
+                      optimizer: Mapping | None = None) -> tuple[dict, dict | None]:
+    """Weights (and, given an abstract ``optimizer``, the optimizer state) from another run's
+    checkpoint, checked against the abstract targets first."""
+    root = checkpoint_root(path)
+    epoch = latest_epoch(path) if epoch is None else epoch
+    manager = _manager(root, read_only=True)
+    try:
+        where = str(root / str(epoch))
+        check_matches(manager.item_metadata(epoch)["variables"], variables, where, "variable")
+        items = {"variables": ocp.args.StandardRestore(variables)}
+        if optimizer is not None:
+            check_matches(manager.item_metadata(epoch)["optimizer"], optimizer, where, "optimizer entry")
+            items["optimizer"] = ocp.args.StandardRestore(optimizer)
+        restored = manager.restore(epoch, args=ocp.args.Composite(**items))
+    finally:
+        manager.close()
+    return dict(restored["variables"]), (dict(restored["optimizer"]) if optimizer is not None else None)

@@ -1,0 +1,54 @@
+"""Evaluate a checkpoint on the SIGNS test set: ``python -m resnet_flax.evaluate --workdir=DIR``.
+
+Prints ``Test Loss`` and ``Test Accuracy`` (each test example counted once) for the newest
+checkpoint in DIR, or ``--epoch``. ``--data_dir`` reads the data from elsewhere than the run did.
+"""
+
+import json
+import sys
+
+import numpy as np
+from absl import app, flags, logging
+
+from resnet_flax import input_pipeline, pretrained, train
+from resnet_flax.errors import UserError
+
+flags.DEFINE_string("workdir", None, "A run's workdir (or its checkpoints/ folder).", required=True)
+flags.DEFINE_integer("epoch", None, "Which checkpoint; default the newest.")
+flags.DEFINE_string("data_dir", None, "Where SIGNS is; default as the run's config says.")
+flags.DEFINE_integer("batch_size", 40, "Evaluation batch size.")
+flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
+FLAGS = flags.FLAGS
+
+
+def evaluate_checkpoint(workdir, epoch=None, data_dir=None, batch_size=40) -> dict:
+    """Loss and accuracy of a checkpoint on the test split."""
+    trained = pretrained.load(workdir, epoch)
+    config = trained.config
+    if data_dir is not None:
+        config.data_dir = data_dir
+    test = input_pipeline.load_dataset(config).test
+    indices, mask = input_pipeline.batch_indices(np.arange(len(test)), batch_size)
+    evaluate = train.make_evaluate(trained.model.apply, config.num_classes)
+    result = train.summarize(evaluate(trained.variables, test.images, test.labels, indices, mask))
+    return {"test_loss": result["loss"], "test_accuracy": result["accuracy"],
+            "examples": result["count"], "epoch": trained.epoch, "data": test.source}
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.ERROR)
+    try:
+        result = evaluate_checkpoint(FLAGS.workdir, FLAGS.epoch, FLAGS.data_dir, FLAGS.batch_size)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if FLAGS.json:
+        print(json.dumps(result))
+    else:
+        print(f"checkpoint epoch {result['epoch']}, {result['examples']} test examples from {result['data']}")
+        print(f"Test Loss = {result['test_loss']:.4f}\nTest Accuracy = {result['test_accuracy']:.4f}")
+
+
+if __name__ == "__main__":
+    app.run(main)

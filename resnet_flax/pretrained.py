@@ -1,0 +1,49 @@
+"""A trained model loaded from a checkpoint: what ``evaluate``, ``predict`` and ``keras_io`` use.
+
+The checkpoint carries its config, so only the workdir is needed.
+"""
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from resnet_flax import checkpoints, input_pipeline, models
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    model: models.ResNet
+    variables: dict
+    config: ml_collections.ConfigDict
+    epoch: int
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities for uint8 images (N, H, W, 3), preprocessed exactly as in training."""
+        return np.asarray(_probabilities(self.model, self.variables, jnp.asarray(images)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _probabilities(model, variables, images):
+    logits = model.apply(variables, input_pipeline.normalize(images), train=False)
+    return jax.nn.softmax(logits)
+
+
+def abstract_variables(model: models.ResNet, image_size: int) -> dict:
+    """The variables' shapes and dtypes, without computing them."""
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), dummy)
+
+
+def load(workdir: str | Path, epoch: int | None = None) -> Trained:
+    """The model and weights of ``workdir``'s newest checkpoint (or of ``epoch``)."""
+    epoch = checkpoints.latest_epoch(workdir) if epoch is None else epoch
+    config = checkpoints.load_config(workdir, epoch)
+    model = models.create_model(config.model, num_classes=config.num_classes, conv_impl=config.conv_impl)
+    variables, _ = checkpoints.restore_variables(
+        workdir, abstract_variables(model, config.image_size), epoch=epoch)
+    return Trained(model, variables, config, epoch)
