@@ -502,3 +502,38 @@ def test_theano_era_files_are_refused(exported, tmp_path):
     path = edited_copy(exported["legacy_h5"], tmp_path / "theano.h5", theano)
     with pytest.raises(UserError, match=r"theano\.h5: written by Keras 2\.15\.0 with the theano backend"):
         keras_io.load_keras_weights(path)
+
+
+# --- the command line: Keras file -> checkpoint -> predict/evaluate -> Keras file ---------------
+
+
+def test_import_command_makes_a_checkpoint_that_predicts_like_keras(keras_model, keras_files, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from resnet_flax import pretrained
+    from resnet_flax.keras_io.__main__ import export_weights
+
+    workdir = tmp_path / "imported"
+    result = subprocess.run(
+        [sys.executable, "-m", "resnet_flax.keras_io", "import", str(keras_files["keras2_full_h5"]),
+         f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    trained = pretrained.load(workdir)
+    assert trained.epoch == 0 and trained.config.num_classes == 6
+    pixels = np.random.default_rng(3).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    expected = keras_model.predict(pixels.astype(np.float32) / 255.0, verbose=0)
+    np.testing.assert_allclose(trained.probabilities(pixels), expected, atol=1e-5)
+
+    again = subprocess.run(
+        [sys.executable, "-m", "resnet_flax.keras_io", "import", str(keras_files["keras2_full_h5"]),
+         f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "already holds checkpoints" in again.stderr
+
+    out = tmp_path / "back.weights.h5"
+    export_weights(workdir, out)
+    keras_again = ResNet50(input_shape=(64, 64, 3), classes=6)
+    keras_again.load_weights(out)
+    np.testing.assert_allclose(keras_again.predict(pixels.astype(np.float32) / 255.0, verbose=0), expected,
+                               atol=1e-6)

@@ -1,0 +1,70 @@
+"""Keras weights to and from this project's checkpoints.
+
+    python -m resnet_flax.keras_io import ResNet50.h5 --workdir=runs/keras_resnet50
+    python -m resnet_flax.keras_io export --workdir=runs/signs out.weights.h5
+
+``import`` writes an orbax checkpoint (epoch 0, a fresh Adam state) that ``evaluate`` and
+``predict`` read, and that ``main`` with ``--workdir`` of it fine-tunes from. ``export`` writes the
+newest checkpoint's weights for Keras's ``model.load_weights`` (``.weights.h5``: Keras 3 layout;
+other ``.h5``: Keras 2 layout).
+"""
+
+import sys
+from pathlib import Path
+
+import jax
+from absl import app, flags, logging
+
+from resnet_flax import checkpoints, models, pretrained, train
+from resnet_flax.config import default_config
+from resnet_flax.errors import UserError
+from resnet_flax.keras_io.weights import load_keras_weights, save_keras_weights
+
+flags.DEFINE_string("workdir", None, "The run directory to write (import) or read (export).", required=True)
+flags.DEFINE_integer("epoch", None, "export: which checkpoint; default the newest.")
+FLAGS = flags.FLAGS
+
+
+def import_weights(keras_file: str | Path, workdir: str | Path) -> int:
+    """Writes a checkpoint of ``keras_file``'s weights into ``workdir``; returns num_classes."""
+    variables, num_classes = load_keras_weights(keras_file)
+    if checkpoints.checkpoint_root(workdir).is_dir():
+        raise UserError(f"{workdir}: already holds checkpoints; import into a new workdir")
+    config = default_config()
+    config.num_classes = num_classes
+    model = models.create_model(config.model, num_classes=num_classes, conv_impl=config.conv_impl)
+    state = train.create_train_state(config, model, steps_per_epoch=1)
+    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
+    train.save_checkpoint(checkpointer, 0, state, config)
+    checkpointer.close()
+    return num_classes
+
+
+def export_weights(workdir: str | Path, keras_file: str | Path, epoch: int | None = None) -> None:
+    trained = pretrained.load(workdir, epoch)
+    if trained.config.model != "resnet50":
+        raise UserError(f"{workdir}: holds a {trained.config.model}; only the assignment's resnet50 "
+                        "has a Keras twin to export to")
+    save_keras_weights(jax.device_get(trained.variables), keras_file)
+
+
+def main(argv):
+    logging.set_verbosity(logging.ERROR)
+    if len(argv) != 3 or argv[1] not in ("import", "export"):
+        raise app.UsageError("usage: import FILE.h5 --workdir=DIR | export --workdir=DIR OUT.h5")
+    command, path = argv[1], argv[2]
+    try:
+        if command == "import":
+            num_classes = import_weights(path, FLAGS.workdir)
+            print(f"imported {path} ({num_classes} classes) into {checkpoints.checkpoint_root(FLAGS.workdir)}/0")
+        else:
+            export_weights(FLAGS.workdir, path, FLAGS.epoch)
+            print(f"exported {FLAGS.workdir} to {path}")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
