@@ -13,12 +13,16 @@ from absl import app, flags, logging
 from resnet_flax import input_pipeline, pretrained, train
 from resnet_flax.errors import UserError
 
-flags.DEFINE_string("workdir", None, "A run's workdir (or its checkpoints/ folder).", required=True)
-flags.DEFINE_integer("epoch", None, "Which checkpoint; default the newest.")
-flags.DEFINE_string("data_dir", None, "Where SIGNS is; default as the run's config says.")
-flags.DEFINE_integer("batch_size", 40, "Evaluation batch size.")
-flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a command so that importing stays free."""
+    flags.DEFINE_string("workdir", None, "A run's workdir (or its checkpoints/ folder).", required=True)
+    flags.DEFINE_integer("epoch", None, "Which checkpoint; default the newest.")
+    flags.DEFINE_string("data_dir", None, "Where SIGNS is; default as the run's config says.")
+    flags.DEFINE_integer("batch_size", 40, "Evaluation batch size.")
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
 
 
 def evaluate_checkpoint(workdir, epoch=None, data_dir=None, batch_size=40) -> dict:
@@ -51,4 +55,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

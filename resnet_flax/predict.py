@@ -22,10 +22,14 @@ from PIL import Image, ImageOps
 from resnet_flax import input_pipeline, pretrained
 from resnet_flax.errors import UserError
 
-flags.DEFINE_string("workdir", None, "A trained run's workdir (or its checkpoints/ folder).", required=True)
-flags.DEFINE_integer("epoch", None, "Which checkpoint; default the newest.")
-flags.DEFINE_bool("json", False, "One JSON object per image instead of text.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a command so that importing stays free."""
+    flags.DEFINE_string("workdir", None, "A trained run's workdir (or its checkpoints/ folder).", required=True)
+    flags.DEFINE_integer("epoch", None, "Which checkpoint; default the newest.")
+    flags.DEFINE_bool("json", False, "One JSON object per image instead of text.")
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:
@@ -82,4 +86,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

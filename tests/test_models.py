@@ -119,7 +119,7 @@ def test_unknown_model_name_is_a_user_error():
 def tiny():
     model = models.create_model("resnet_tiny", num_classes=6)
     x = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 16, 16, 3)), jnp.float32)
-    variables = model.init(jax.random.key(0), x, train=False)
+    variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
     return model, variables, x
 
 
@@ -128,8 +128,9 @@ def test_train_mode_updates_batch_stats_by_the_momentum_rule(tiny):
     # Non-trivial running statistics so that the rule is checked on both terms.
     stats = jax.tree.map(lambda a: a + 0.5, variables["batch_stats"])
     variables = {**variables, "batch_stats": stats}
-    _, updated = model.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"],
-                             capture_intermediates=lambda mdl, _: mdl.name == "conv1")
+    _, updated = jax.jit(lambda v, x: model.apply(
+        v, x, train=True, mutable=["batch_stats", "intermediates"],
+        capture_intermediates=lambda mdl, _: mdl.name == "conv1"))(variables, x)
     conv1_out = updated["intermediates"]["conv1"]["__call__"][0]
     batch_mean = conv1_out.mean(axis=(0, 1, 2))
     batch_var = conv1_out.var(axis=(0, 1, 2))
@@ -144,15 +145,15 @@ def test_train_mode_updates_batch_stats_by_the_momentum_rule(tiny):
 
 def test_inference_mode_is_per_example_and_leaves_batch_stats_alone(tiny):
     model, variables, x = tiny
-    logits, state = model.apply(variables, x, train=False, mutable=["batch_stats"])
+    infer = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["batch_stats"]))
+    train = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0])
+    logits, state = infer(variables, x)
     for before, after in zip(jax.tree.leaves(variables["batch_stats"]), jax.tree.leaves(state["batch_stats"])):
         np.testing.assert_array_equal(before, after)
-    one_at_a_time = jnp.concatenate([model.apply(variables, x[i:i + 1], train=False) for i in range(4)])
+    one_at_a_time = jnp.concatenate([infer(variables, x[i:i + 1])[0] for i in range(4)])
     np.testing.assert_allclose(logits, one_at_a_time, rtol=1e-5, atol=1e-6)
     # In training mode the batch statistics couple the examples.
-    train_logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
-    train_first, _ = model.apply(variables, x[:2], train=True, mutable=["batch_stats"])
-    assert not np.allclose(train_logits[:2], train_first, atol=1e-4)
+    assert not np.allclose(train(variables, x)[:2], train(variables, x[:2]), atol=1e-4)
 
 
 def test_mode_keyword_is_required(tiny):

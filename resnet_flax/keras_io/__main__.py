@@ -20,9 +20,13 @@ from resnet_flax.config import default_config
 from resnet_flax.errors import UserError
 from resnet_flax.keras_io.weights import load_keras_weights, save_keras_weights
 
-flags.DEFINE_string("workdir", None, "The run directory to write (import) or read (export).", required=True)
-flags.DEFINE_integer("epoch", None, "export: which checkpoint; default the newest.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a command so that importing stays free."""
+    flags.DEFINE_string("workdir", None, "The run directory to write (import) or read (export).", required=True)
+    flags.DEFINE_integer("epoch", None, "export: which checkpoint; default the newest.")
 
 
 def import_weights(keras_file: str | Path, workdir: str | Path) -> int:
@@ -67,4 +71,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
