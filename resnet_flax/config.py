@@ -3,7 +3,6 @@
 import importlib.util
 from pathlib import Path
 
-import jax
 import ml_collections
 
 from resnet_flax.errors import UserError
@@ -49,6 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.restore_from = ""
     config.restore_optimizer = False
 
+    # JAX's persistent compilation cache: '' = ~/.cache/resnet_flax/jax_compilation_cache, 'off'.
+    config.compilation_cache_dir = ""
+
     return config
 
 
@@ -71,11 +73,6 @@ def validate(config: ml_collections.ConfigDict, num_train: int) -> None:
         raise UserError(f"config.checkpoint_every_epochs must be >= 1, got {config.checkpoint_every_epochs}")
     if config.keep_checkpoints < 1:
         raise UserError(f"config.keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
-    devices = jax.device_count()
-    for field in ("batch_size", "eval_batch_size"):
-        if config[field] % devices:
-            raise UserError(f"config.{field}={config[field]} is not divisible by the "
-                            f"{devices} devices it is split across")
 
 
 def load_config_file(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 from absl import app, flags, logging
 
-from resnet_flax import input_pipeline, pretrained, train
+from resnet_flax import input_pipeline, pretrained, runtime, train
 from resnet_flax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -34,7 +34,8 @@ def evaluate_checkpoint(workdir, epoch=None, data_dir=None, batch_size=40) -> di
     test = input_pipeline.load_dataset(config).test
     indices, mask = input_pipeline.batch_indices(np.arange(len(test)), batch_size)
     evaluate = train.make_evaluate(trained.model.apply, config.num_classes)
-    result = train.summarize(evaluate(trained.variables, test.images, test.labels, indices, mask))
+    batches = runtime.gather_batches(test.images, test.labels, indices, mask, runtime.make_mesh())
+    result = train.summarize(evaluate(trained.variables, batches))
     return {"test_loss": result["loss"], "test_accuracy": result["accuracy"],
             "examples": result["count"], "epoch": trained.epoch, "data": test.source}
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnet_flax import checkpoints, input_pipeline, models
+from resnet_flax import checkpoints, input_pipeline, models, runtime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +33,13 @@ def _probabilities(model, variables, images):
     return jax.nn.softmax(logits)
 
 
-def abstract_variables(model: models.ResNet, image_size: int) -> dict:
-    """The variables' shapes and dtypes, without computing them."""
+def abstract_variables(model: models.ResNet, image_size: int, mesh=None) -> dict:
+    """The variables' shapes and dtypes, without computing them, replicated over ``mesh`` (default
+    all devices): a checkpoint restores onto these devices whatever devices wrote it."""
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), dummy)
+    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), dummy)
+    sharding = runtime.replicated(runtime.make_mesh() if mesh is None else mesh)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
 def load(workdir: str | Path, epoch: int | None = None) -> Trained:

@@ -21,11 +21,9 @@ import numpy as np
 import optax
 from flax.training import train_state
 from jax import lax
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from resnet_flax import config as config_lib
-from resnet_flax import checkpoints, input_pipeline, metrics, models
+from resnet_flax import checkpoints, conv, input_pipeline, metrics, models, runtime
 from resnet_flax.errors import UserError
 
 
@@ -57,16 +55,22 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> o
     return optax.adam(learning_rate, **adam)
 
 
-def create_train_state(config, model, steps_per_epoch: int) -> TrainState:
-    """Fresh parameters from ``config.seed``."""
+def create_train_state(config, model, steps_per_epoch: int, mesh=None) -> TrainState:
+    """Fresh parameters from ``config.seed``, replicated over ``mesh`` (default: all devices).
+
+    Built inside ``jit`` with replicated outputs, so every process of a multi-host run holds the
+    same global arrays without copying them around.
+    """
     dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(config.seed), dummy)
-    return TrainState.create(
-        apply_fn=model.apply,
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        tx=make_optimizer(config, steps_per_epoch),
-    )
+    tx = make_optimizer(config, steps_per_epoch)
+
+    def init() -> TrainState:
+        variables = model.init(jax.random.key(config.seed), dummy, train=False)
+        return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                 batch_stats=variables["batch_stats"], tx=tx)
+
+    mesh = runtime.make_mesh() if mesh is None else mesh
+    return jax.jit(init, out_shardings=runtime.replicated(mesh))()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,36 +123,33 @@ def eval_step(apply_fn, variables: Mapping, batch: Mapping[str, jax.Array], *, n
     return _sums(per_example, logits, batch["label"], batch["mask"])
 
 
-def _scan_batches(step_fn, carry, images, labels, indices, mask):
-    """Runs ``step_fn(carry, batch)`` over the rows of ``indices`` and sums the per-step sums."""
-
-    def body(carry, xs):
-        idx, m = xs
-        return step_fn(carry, {"image": images[idx], "label": labels[idx], "mask": m})
-
-    carry, sums = lax.scan(body, carry, (indices, mask))
+def _scan_batches(step_fn, carry, batches):
+    """Runs ``step_fn(carry, batch)`` over the leading (step) axis of ``batches`` and adds up the
+    per-step sums."""
+    carry, sums = lax.scan(step_fn, carry, batches)
     return carry, jax.tree.map(jnp.sum, sums)
 
 
 def make_train_chunk(config):
-    """``(state, images, labels, indices, mask, rng) -> (state, sums)``: len(indices) steps in one
-    compiled call, the state's buffers donated."""
+    """``(state, batches) -> (state, sums)``: every batch of ``batches`` (arrays of shape
+    (steps, batch, ...)) in one compiled call, the state's buffers donated. Augmentation draws
+    from ``config.seed`` folded with the step, so a resumed run repeats it exactly."""
     step = functools.partial(train_step, num_classes=config.num_classes,
                              label_smoothing=config.label_smoothing, augment=config.augment)
 
-    def train_chunk(state, images, labels, indices, mask, rng):
-        return _scan_batches(lambda s, b: step(s, b, rng), state, images, labels, indices, mask)
+    def train_chunk(state, batches):
+        rng = jax.random.key(config.seed)
+        return _scan_batches(lambda s, b: step(s, b, rng), state, batches)
 
     return jax.jit(train_chunk, donate_argnums=0)
 
 
 def make_evaluate(apply_fn, num_classes: int):
-    """``(variables, images, labels, indices, mask) -> sums`` over all given batches in one call."""
+    """``(variables, batches) -> sums`` over all of ``batches`` in one compiled call."""
     step = functools.partial(eval_step, apply_fn, num_classes=num_classes)
 
-    def evaluate(variables, images, labels, indices, mask):
-        _, sums = _scan_batches(lambda v, b: (v, step(v, b)), variables, images, labels, indices, mask)
-        return sums
+    def evaluate(variables, batches):
+        return _scan_batches(lambda v, b: (v, step(v, b)), variables, batches)[1]
 
     return jax.jit(evaluate)
 
@@ -206,85 +207,110 @@ def restore_or_keep(state: TrainState, config, checkpointer: checkpoints.Checkpo
 # The loop
 
 
-def _check_finite(sums: Mapping[str, float], epoch: int, step: int) -> None:
+def _check_finite(sums: Mapping[str, float], epoch: int) -> None:
     if not math.isfinite(sums["loss"]):
         raise TrainingDiverged(
-            f"training diverged: the loss is {sums['loss']} in epoch {epoch} by step {step}; "
-            f"no checkpoint was written for it (try a lower config.learning_rate)")
+            f"training diverged: the loss is {sums['loss']} in epoch {epoch}; no checkpoint was "
+            f"written for it (try a lower config.learning_rate)")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+def abstract_batches(steps: int, batch_size: int, image_size: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes of a chunk of batches, to compile for before any data is there."""
+    sharding = runtime.along_batch(mesh)
+    shape = (steps, batch_size)
+    return {"image": jax.ShapeDtypeStruct((*shape, image_size, image_size, 3), jnp.uint8, sharding=sharding),
+            "label": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
+            "mask": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=sharding)}
+
+
+def train_epoch(train_chunk, state: TrainState, split: input_pipeline.Split, epoch: int, config,
+                mesh, chunk: int, show_progress: bool) -> tuple[TrainState, dict[str, float]]:
+    """One pass over the training set in the order of (seed, epoch), ``chunk`` steps per call.
+
+    The next chunk's batches are gathered on the host while the device runs the current one, and
+    the host waits only for the previous chunk's sums (for the progress bar and the NaN check).
+    """
+    indices, mask = input_pipeline.batch_indices(
+        input_pipeline.epoch_order(config.seed, epoch, len(split)), config.batch_size)
+    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    bar = metrics.progress_bar(len(split), epoch, config.num_epochs, enabled=show_progress)
+    start = time.perf_counter()
+
+    def account(sums) -> None:
+        for name, value in jax.device_get(sums).items():
+            totals[name] += float(value)
+        so_far = summarize(totals)
+        _check_finite(so_far, epoch)
+        bar.update(so_far["count"] - bar.n)
+        bar.set_postfix(loss=f"{so_far['loss']:.4f}", accuracy=f"{so_far['accuracy']:.4f}",
+                        img_per_s=f"{so_far['count'] / (time.perf_counter() - start):.0f}")
+
+    pending = None
+    for begin in range(0, len(indices), chunk):
+        batches = runtime.gather_batches(split.images, split.labels, indices[begin:begin + chunk],
+                                         mask[begin:begin + chunk], mesh)
+        state, sums = train_chunk(state, batches)
+        if pending is not None:
+            account(pending)
+        pending = sums
+    account(pending)
+    bar.close()
+    return state, summarize(totals)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, mesh=None) -> dict[str, Any]:
     """Trains ``config.model`` on SIGNS, evaluating after every epoch; returns the summary.
 
-    Writes ``config.json``, ``metrics.jsonl``, ``summary.json``, ``curves.png`` and TensorBoard
-    events into ``workdir``.
+    Resumes from ``workdir``'s checkpoints if it has any. Writes ``config.json``,
+    ``metrics.jsonl``, ``summary.json``, ``curves.png``, TensorBoard events and checkpoints into
+    ``workdir``. ``mesh`` defaults to all devices of all processes.
     """
     workdir = Path(workdir)
     is_main_process = jax.process_index() == 0
+    runtime.enable_compilation_cache(config.compilation_cache_dir)
     dataset = input_pipeline.load_dataset(config)
     config_lib.validate(config, len(dataset.train))
+    mesh = runtime.make_mesh() if mesh is None else mesh
+    runtime.check_divisible(config.batch_size, mesh, "batch_size")
+    runtime.check_divisible(config.eval_batch_size, mesh, "eval_batch_size")
     model = models.create_model(config.model, num_classes=config.num_classes, conv_impl=config.conv_impl)
-    num_train, batch_size = len(dataset.train), config.batch_size
-    steps_per_epoch = -(-num_train // batch_size)
+    num_train = len(dataset.train)
+    steps_per_epoch = -(-num_train // config.batch_size)
     chunk = largest_divisor_at_most(steps_per_epoch, config.steps_per_chunk)
 
-    # One 'data' axis over every device: batches are split along it, everything else replicated.
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
-    replicated = NamedSharding(mesh, P())
-    along_batch = NamedSharding(mesh, P(None, "data"))
-    state = jax.device_put(create_train_state(config, model, steps_per_epoch), replicated)
+    state = create_train_state(config, model, steps_per_epoch, mesh)
     checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     state, last_epoch = restore_or_keep(state, config, checkpointer)
-    train_images, train_labels, test_images, test_labels = jax.device_put(
-        (dataset.train.images, dataset.train.labels, dataset.test.images, dataset.test.labels),
-        replicated)
-    test_indices, test_mask = jax.device_put(
-        input_pipeline.batch_indices(np.arange(len(dataset.test)), config.eval_batch_size), along_batch)
-    rng = jax.device_put(jax.random.key(config.seed), replicated)
+    test_batches = runtime.gather_batches(
+        dataset.test.images, dataset.test.labels,
+        *input_pipeline.batch_indices(np.arange(len(dataset.test)), config.eval_batch_size), mesh)
 
     if is_main_process:
         workdir.mkdir(parents=True, exist_ok=True)
         metrics.write_json(workdir / "config.json", config.to_dict())
         print(f"number of training examples = {num_train}\nnumber of test examples = {len(dataset.test)}\n"
               f"data: {dataset.train.source}, {dataset.test.source}\n"
-              f"model: {config.model} ({config.conv_impl} conv), {jax.device_count()} "
-              f"{jax.default_backend()} device(s), {steps_per_epoch} steps of {batch_size} per epoch")
+              f"model: {config.model} ({conv.resolve_impl(config.conv_impl)} conv), {mesh.size} "
+              f"{jax.default_backend()} device(s), {steps_per_epoch} steps of {config.batch_size} per epoch")
 
+    # Both programs compiled up front, for the shapes every call has: one compilation each.
     start = time.perf_counter()
-    example_chunk = jax.device_put(
-        tuple(a[:chunk] for a in input_pipeline.batch_indices(np.arange(num_train), batch_size)), along_batch)
     train_chunk = make_train_chunk(config).lower(
-        state, train_images, train_labels, *example_chunk, rng).compile()
-    evaluate = make_evaluate(model.apply, config.num_classes).lower(
-        split_state(state)[0], test_images, test_labels, test_indices, test_mask).compile()
+        state, abstract_batches(chunk, config.batch_size, config.image_size, mesh)).compile()
+    evaluate = make_evaluate(model.apply, config.num_classes).lower(split_state(state)[0], test_batches).compile()
     compile_seconds = time.perf_counter() - start
 
     def test_metrics():
-        return summarize(evaluate(split_state(state)[0], test_images, test_labels, test_indices, test_mask))
+        return summarize(evaluate(split_state(state)[0], test_batches))
 
     writer = metrics.MetricsWriter(workdir, enabled=is_main_process)
-    first_epoch = last_epoch + 1
-    records = writer.keep_epochs_before(first_epoch)
-    for epoch in range(first_epoch, config.num_epochs + 1):
-        indices, mask = input_pipeline.batch_indices(
-            input_pipeline.epoch_order(config.seed, epoch, num_train), batch_size)
-        totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-        bar = metrics.progress_bar(num_train, epoch, config.num_epochs, enabled=is_main_process)
+    records = writer.keep_epochs_before(last_epoch + 1)
+    for epoch in range(last_epoch + 1, config.num_epochs + 1):
         epoch_start = time.perf_counter()
-        for begin in range(0, steps_per_epoch, chunk):
-            chunk_inputs = jax.device_put((indices[begin:begin + chunk], mask[begin:begin + chunk]),
-                                          along_batch)
-            state, sums = train_chunk(state, train_images, train_labels, *chunk_inputs, rng)
-            for name, value in jax.device_get(sums).items():
-                totals[name] += float(value)
-            so_far = summarize(totals)
-            _check_finite(so_far, epoch, begin + chunk)
-            bar.update(int(np.sum(mask[begin:begin + chunk])))
-            bar.set_postfix(loss=f"{so_far['loss']:.4f}", accuracy=f"{so_far['accuracy']:.4f}",
-                            img_per_s=f"{so_far['count'] / (time.perf_counter() - epoch_start):.0f}")
+        state, train = train_epoch(train_chunk, state, dataset.train, epoch, config, mesh, chunk,
+                                   show_progress=is_main_process)
         seconds = time.perf_counter() - epoch_start
-        bar.close()
-        train, test = summarize(totals), test_metrics()
+        test = test_metrics()
         record = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                   "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                   "seconds": seconds, "images_per_second": num_train / seconds}
@@ -311,10 +337,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "compile_seconds": compile_seconds,
         "images_per_second": num_train * len(records) / sum(epoch_seconds) if records else None,
         "backend": jax.default_backend(),
-        "device_count": jax.device_count(),
+        "device_count": mesh.size,
         "process_count": jax.process_count(),
         "model": config.model,
-        "conv_impl": config.conv_impl,
+        "conv_impl": conv.resolve_impl(config.conv_impl),
     }
     if is_main_process:
         metrics.write_json(workdir / "summary.json", summary)

@@ -87,16 +87,22 @@ def smoke_run(tmp_path_factory):
 
 
 def checkpoint_trees(workdir, epoch=None):
-    """(variables, optimizer) of a checkpoint as NumPy trees, restored without a model."""
+    """(variables, optimizer) of a checkpoint as NumPy trees, restored without a model onto this
+    process's first device, whatever devices wrote it."""
     import orbax.checkpoint as ocp
 
     from resnet_flax import checkpoints
 
     root = checkpoints.checkpoint_root(workdir)
-    with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with checkpoints._manager(root, read_only=True) as manager:
         epoch = manager.latest_step() if epoch is None else epoch
+        metadata = manager.item_metadata(epoch)
+        target = {item: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                     dict(metadata[item]))
+                  for item in ("variables", "optimizer")}
         restored = manager.restore(epoch, args=ocp.args.Composite(
-            variables=ocp.args.StandardRestore(), optimizer=ocp.args.StandardRestore()))
+            **{item: ocp.args.StandardRestore(tree) for item, tree in target.items()}))
     return jax.tree.map(np.asarray, dict(restored["variables"])), jax.tree.map(np.asarray, dict(restored["optimizer"]))
 
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import (REPO, assert_states_close, assert_trees_equal, checkpoint_trees, smoke_config,
                       write_signs_h5)
 from resnet_flax import config as config_lib
-from resnet_flax import input_pipeline, models, train
+from resnet_flax import input_pipeline, models, runtime, train
 from resnet_flax.errors import UserError
 
 
@@ -104,11 +104,12 @@ def test_evaluation_of_a_partial_last_batch_equals_unpadded(tiny_setup):
     evaluate = train.make_evaluate(state.apply_fn, num_classes=6)
     variables = train.split_state(state)[0]
     # 30 examples in batches of 8: the last of four batches holds 6 real examples and 2 padding.
+    mesh = runtime.make_mesh()
     indices, mask = input_pipeline.batch_indices(np.arange(30), 8)
-    padded = train.summarize(evaluate(variables, images, labels, indices, mask))
+    padded = train.summarize(evaluate(variables, runtime.gather_batches(images, labels, indices, mask, mesh)))
     indices, mask = input_pipeline.batch_indices(np.arange(30), 10)  # 3 full batches, no padding
     assert mask.all()
-    unpadded = train.summarize(evaluate(variables, images, labels, indices, mask))
+    unpadded = train.summarize(evaluate(variables, runtime.gather_batches(images, labels, indices, mask, mesh)))
     assert padded["count"] == unpadded["count"] == 30
     assert padded["accuracy"] == unpadded["accuracy"]
     np.testing.assert_allclose(padded["loss"], unpadded["loss"], rtol=1e-6)
@@ -124,7 +125,8 @@ def test_scanned_chunk_equals_the_per_step_loop(tiny_setup):
         looped, sums = step(looped, batch_of(images, labels, idx, m))
         loop_sums.append(sums)
     chunk = train.make_train_chunk(config)
-    scanned, scan_sums = chunk(jax.tree.map(jnp.copy, state), images, labels, indices, mask, rng)
+    batches = runtime.gather_batches(images, labels, indices, mask, runtime.make_mesh())
+    scanned, scan_sums = chunk(jax.tree.map(jnp.copy, state), batches)
     assert int(scanned.step) == int(looped.step) == 5
     # Five Adam steps move weights by up to 5e-3; rounding differences of the two programs show
     # up at 1e-5 in weights whose gradient is near zero (Adam divides by its size).

@@ -1,0 +1,143 @@
+"""Data parallelism with JAX's own machinery: 4 devices equal 1, and two processes equal one."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import REPO, checkpoint_trees, smoke_config
+from resnet_flax import pretrained, train
+
+# Runs in a subprocess with 4 CPU devices: three training steps of the tiny model on a mesh of one
+# device and on a mesh of four, both from the same state and batches.
+FOUR_DEVICES_SCRIPT = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    sys.path.insert(0, "tests")
+    from conftest import smoke_config
+    from resnet_flax import input_pipeline, models, runtime, train
+    from resnet_flax.errors import UserError
+
+    assert jax.device_count() == 4
+    config = smoke_config(batch_size=16)
+    split = input_pipeline.load_dataset(config).train
+    model = models.create_model(config.model, num_classes=6)
+    fresh = jax.device_get(train.create_train_state(config, model, steps_per_epoch=10))  # host copy: steps donate
+    indices, mask = input_pipeline.batch_indices(input_pipeline.epoch_order(0, 1, 40), 16)  # 16, 16, 8 + 8 padding
+    results = {}
+    for name, devices in (("one", jax.devices()[:1]), ("four", jax.devices())):
+        mesh = runtime.make_mesh(devices)
+        state = jax.device_put(fresh, runtime.replicated(mesh))
+        batches = runtime.gather_batches(split.images, split.labels, indices, mask, mesh)
+        assert len(batches["image"].sharding.device_set) == len(devices)
+        state, sums = train.make_train_chunk(config)(state, batches)
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        flat = jax.tree_util.tree_leaves_with_path(jax.device_get(variables))
+        results.update({f"{name}:{jax.tree_util.keystr(p)}": np.asarray(v) for p, v in flat})
+        results[f"{name}:loss_sum"] = np.asarray(sums["loss_sum"])
+    np.savez(sys.argv[1], **results)
+    try:
+        runtime.check_divisible(30, runtime.make_mesh(), "batch_size")
+    except UserError as e:
+        print("ERROR:", e)
+""")
+
+
+def four_device_env():
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+
+
+def test_four_devices_train_like_one(tmp_path):
+    out = tmp_path / "results.npz"
+    result = subprocess.run([sys.executable, "-c", FOUR_DEVICES_SCRIPT, str(out)], cwd=REPO,
+                            env=four_device_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "ERROR: config.batch_size=30 is not divisible by the 4 devices" in result.stdout
+    results = np.load(out)
+    names = sorted(k.split(":", 1)[1] for k in results.files if k.startswith("one:"))
+    assert len(names) > 20
+    np.testing.assert_allclose(results["four:loss_sum"], results["one:loss_sum"], rtol=1e-5)
+    for name in names:
+        # Conv biases feed a BatchNorm: their gradient is rounding noise that Adam amplifies to
+        # steps of +-lr (see conftest.assert_states_close). They do not change any output, but the
+        # running means average them in (0.01 x bias per step); everything else agrees tightly.
+        if name.endswith("['bias']") and ("['res" in name or "['conv1']" in name):
+            continue
+        atol = 3 * 0.01 * 1e-3 if name.endswith("['mean']") else 2e-6
+        np.testing.assert_allclose(results[f"four:{name}"], results[f"one:{name}"], rtol=1e-4, atol=atol,
+                                   err_msg=name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_epoch_reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("one_process")
+    return workdir, train.train_and_evaluate(smoke_config(num_epochs=1), workdir)
+
+
+def assert_close_to_reference(workdir, reference_dir, atol):
+    ours, reference = checkpoint_trees(workdir)[0], checkpoint_trees(reference_dir)[0]
+    for collection in ("params", "batch_stats"):
+        import jax
+
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours[collection]),
+                                jax.tree.leaves(reference[collection])):
+            name = jax.tree_util.keystr(path)
+            if name.endswith("['bias']") and ("['res" in name or "['conv1']" in name):
+                continue  # rounding noise amplified by Adam, as above
+            # Running means take in 1% of those biases per step, and after t steps two runs' biases
+            # can be 2 lr t apart: at most 0.01 x sum over 17 steps of 2e-3 t, about 3e-3.
+            tolerance = 0.01 * sum(2e-3 * t for t in range(1, 18)) if name.endswith("['mean']") else atol
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=tolerance, err_msg=name)
+
+
+def test_main_on_four_devices(one_epoch_reference, tmp_path):
+    reference_dir, reference = one_epoch_reference
+    workdir = tmp_path / "four"
+    result = subprocess.run(
+        [sys.executable, "-m", "resnet_flax.main", "--config=configs/smoke.py", f"--workdir={workdir}",
+         "--config.num_epochs=1"], cwd=REPO, env=four_device_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["device_count"] == 4 and summary["steps"] == reference["steps"]
+    assert abs(summary["test_loss"] - reference["test_loss"]) < 1e-3
+    assert_close_to_reference(workdir, reference_dir, atol=1e-4)
+
+
+def test_two_processes_train_like_one(one_epoch_reference, tmp_path):
+    reference_dir, reference = one_epoch_reference
+    workdir = tmp_path / "pair"
+    port = free_port()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "resnet_flax.main", "--config=configs/smoke.py", f"--workdir={workdir}",
+             "--config.num_epochs=1", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+             f"--process_id={i}"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err
+    assert "Test Accuracy" in outputs[0][0] and "Test Accuracy" not in outputs[1][0]  # process 0 reports
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["process_count"] == 2 and summary["device_count"] == 2
+    assert summary["steps"] == reference["steps"]
+    assert abs(summary["test_loss"] - reference["test_loss"]) < 1e-3
+    assert_close_to_reference(workdir, reference_dir, atol=1e-4)
+    # The pair's checkpoint restores in a single process and evaluates as the pair did.
+    trained = pretrained.load(workdir)
+    from resnet_flax.evaluate import evaluate_checkpoint
+
+    assert abs(evaluate_checkpoint(workdir)["test_loss"] - summary["test_loss"]) < 1e-5
+    assert trained.epoch == 1
