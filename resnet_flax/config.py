@@ -48,6 +48,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.restore_from = ""
     config.restore_optimizer = False
 
+    # > 0: after training, also evaluate with BatchNorm statistics re-estimated over this many
+    # training batches (resnet_flax/recalibration.py); both results are reported.
+    config.bn_recalibration_batches = 0
+
     # JAX's persistent compilation cache: '' = ~/.cache/resnet_flax/jax_compilation_cache, 'off'.
     config.compilation_cache_dir = ""
 
@@ -69,6 +73,8 @@ def validate(config: ml_collections.ConfigDict, num_train: int) -> None:
         raise UserError(f"config.steps_per_chunk must be >= 1, got {config.steps_per_chunk}")
     if config.lr_schedule not in ("constant", "cosine"):
         raise UserError(f"config.lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}")
+    if config.bn_recalibration_batches < 0:
+        raise UserError(f"config.bn_recalibration_batches must be >= 0, got {config.bn_recalibration_batches}")
     if config.checkpoint_every_epochs < 1:
         raise UserError(f"config.checkpoint_every_epochs must be >= 1, got {config.checkpoint_every_epochs}")
     if config.keep_checkpoints < 1:

@@ -37,6 +37,9 @@ def test_smoke_run_writes_every_output(smoke_runs):
     assert saved == summary
     assert saved["steps"] == config.num_epochs * 17  # 1080 = 16 x 64 + 56: the partial batch counts
     assert saved["test_accuracy"] == records[-1]["test_accuracy"]
+    # BatchNorm re-estimation (configured in smoke.py) is reported beside the plain result.
+    assert saved["bn_recalibration_batches"] == 17
+    assert 0 <= saved["recalibrated_test_accuracy"] <= 1 and saved["recalibrated_test_loss"] != saved["test_loss"]
     assert saved["train_loss"] == records[-1]["train_loss"]
     assert len(saved["epoch_seconds"]) == config.num_epochs and saved["compile_seconds"] > 0
     assert saved["backend"] == jax.default_backend() and saved["device_count"] == jax.device_count()
@@ -181,3 +184,23 @@ def test_command_line_reports_bad_input_in_one_line(tmp_path):
         assert result.stderr.strip().splitlines()[-1].startswith("error: "), result.stderr
         assert message in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_batchnorm_recalibration_averages_exact_batch_statistics(tiny_setup):
+    from resnet_flax import recalibration
+
+    config, state, images, labels = tiny_setup
+    variables = train.split_state(state)[0]
+    indices, mask = input_pipeline.batch_indices(np.arange(14), 8)  # 8 and 6 real examples
+    batches = runtime.gather_batches(images, labels, indices, mask, runtime.make_mesh())
+    recalibrated = recalibration.make_recalibrate(state.apply_fn)(variables, batches)
+    # bn_conv1 sees conv1's output: its statistics per batch, computed directly, then averaged.
+    conv1 = jax.jit(lambda v, x: state.apply_fn(
+        v, input_pipeline.normalize(x), train=True, mutable=["batch_stats", "intermediates"],
+        capture_intermediates=lambda m, _: m.name == "conv1")[1]["intermediates"]["conv1"]["__call__"][0])
+    outputs = [conv1(variables, images[:8]), conv1(variables, images[8:14])]
+    expected_mean = np.mean([o.mean(axis=(0, 1, 2)) for o in outputs], axis=0)
+    expected_var = np.mean([o.var(axis=(0, 1, 2)) for o in outputs], axis=0)
+    np.testing.assert_allclose(recalibrated["batch_stats"]["bn_conv1"]["mean"], expected_mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(recalibrated["batch_stats"]["bn_conv1"]["var"], expected_var, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(recalibrated["params"]["conv1"]["kernel"], variables["params"]["conv1"]["kernel"])
