@@ -81,12 +81,18 @@ def validate(config: ml_collections.ConfigDict, num_train: int) -> None:
         raise UserError(f"config.keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
 
 
-def load_config_file(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
-    """``get_config([arg])`` of a config file, as ``--config=path[:arg]`` would load it."""
+def load_config_module(path: str | Path):
+    """A config file as a module (``get_config``, and ``get_sweep`` for sweeps)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def load_config_file(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config([arg])`` of a config file, as ``--config=path[:arg]`` would load it."""
+    module = load_config_module(path)
     return module.get_config(arg) if arg is not None else module.get_config()

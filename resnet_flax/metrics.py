@@ -106,3 +106,29 @@ def plot_curves(records: Sequence[Mapping[str, float]], path: Path, title: str =
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_sweep(rows: Sequence[Mapping], path: Path, title: str = "") -> None:
+    """Test accuracy of every run of a sweep (and with re-estimated BatchNorm, when reported)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["run"].split("_", 1)[1] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 4.5))
+    positions = range(len(rows))
+    series = [("test_accuracy", "test accuracy")]
+    if any(r.get("recalibrated_test_accuracy") is not None for r in rows):
+        series.append(("recalibrated_test_accuracy", "re-estimated BatchNorm"))
+    width = 0.8 / len(series)
+    for i, (key, label) in enumerate(series):
+        ax.bar([p + i * width for p in positions], [r.get(key) or 0 for r in rows], width, label=label)
+    ax.set_xticks([p + width * (len(series) - 1) / 2 for p in positions], names, rotation=45, ha="right",
+                  fontsize=8)
+    ax.set(ylabel="accuracy", ylim=(0, 1.02), title=title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -334,6 +334,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, m
     checkpointer.close()
 
     test = test_metrics()
+    unseen = input_pipeline.unseen_test_examples(dataset)
+    unseen_test = summarize(evaluate(split_state(state)[0], runtime.gather_batches(
+        dataset.test.images, dataset.test.labels,
+        *input_pipeline.batch_indices(unseen, config.eval_batch_size, num_batches=len(test_batches["mask"])),
+        mesh)))
     if config.bn_recalibration_batches:
         recalibrated = summarize(evaluate(
             recalibrate_batch_stats(model, split_state(state)[0], dataset.train, config, mesh), test_batches))
@@ -342,6 +347,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, m
     summary = {
         "test_loss": test["loss"],
         "test_accuracy": test["accuracy"],
+        "test_accuracy_unseen": unseen_test["accuracy"],
+        "test_examples_unseen": unseen_test["count"],
         "train_loss": last.get("train_loss"),
         "train_accuracy": last.get("train_accuracy"),
         "epochs": len(records),

@@ -169,3 +169,23 @@ def test_augmentation_keeps_shape_and_varies_with_the_key():
     assert a.shape == images.shape
     assert not np.allclose(a, b)
     np.testing.assert_array_equal(a, ip.augment(images, jax.random.key(0)))
+
+
+def test_unseen_test_examples_leave_out_exactly_the_copies_of_training_images(signs_dir, signs_jpg_dir):
+    from resnet_flax.config import default_config
+
+    config = default_config()
+    h5 = ip.load_dataset(config)
+    unseen = ip.unseen_test_examples(h5)
+    assert len(unseen) == 108  # the data README: 12 of the 120 test images are training images
+    # The JPEG layout holds the same copies byte for byte: its exact duplicates, mapped to the h5
+    # test images they are, must be exactly the ones left out.
+    config.data_dir = str(signs_jpg_dir)
+    jpg = ip.load_dataset(config)
+    jpg_unseen = ip.unseen_test_examples(jpg)
+    seen = {image.tobytes() for image in jpg.train.images}
+    exact_copies = [i for i, image in enumerate(jpg.test.images) if image.tobytes() in seen]
+    assert len(exact_copies) == 12 and sorted(set(range(120)) - set(jpg_unseen)) == exact_copies
+    h5_index = [np.abs(h5.test.images.astype(np.int16) - jpg.test.images[i]).mean(axis=(1, 2, 3)).argmin()
+                for i in exact_copies]
+    assert sorted(set(range(120)) - set(unseen)) == sorted(h5_index)

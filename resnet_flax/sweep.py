@@ -1,0 +1,142 @@
+"""Families of runs: ``python -m resnet_flax.sweep --config=configs/sweeps/NAME.py --workdir=runs/NAME``.
+
+A sweep config file has ``get_config()`` (the base run config) and ``get_sweep()`` (a list of
+override dicts, built with :func:`sweep`, :func:`product` and :func:`zip_sweeps`). Each setting
+runs in its own sub-workdir; a setting whose ``summary.json`` exists is skipped and a killed one
+resumes from its checkpoints, so a killed sweep restarted with the same command picks up where it
+stopped. At the end ``results.csv``, ``results.md`` and ``results.png`` tabulate every run.
+"""
+
+import csv
+import itertools
+import json
+import re
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from resnet_flax import metrics, train
+from resnet_flax.config import load_config_module
+from resnet_flax.errors import UserError
+
+RESULT_FIELDS = ("test_accuracy", "recalibrated_test_accuracy", "test_accuracy_unseen",
+                 "train_accuracy", "test_loss", "epochs", "train_seconds")
+
+
+def sweep(name: str, values: Iterable[Any]) -> list[dict[str, Any]]:
+    """One field over several values: ``sweep('learning_rate', [1e-3, 3e-3])``."""
+    return [{name: value} for value in values]
+
+
+def product(*sweeps: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Every combination of the given sweeps."""
+    return [dict(itertools.chain.from_iterable(d.items() for d in combo))
+            for combo in itertools.product(*sweeps)]
+
+
+def zip_sweeps(*sweeps: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Settings taken side by side (all sweeps must have the same length)."""
+    if len({len(s) for s in sweeps}) > 1:
+        raise UserError("zip_sweeps: the sweeps have different lengths")
+    return [dict(itertools.chain.from_iterable(d.items() for d in combo)) for combo in zip(*sweeps)]
+
+
+def run_name(index: int, overrides: Mapping[str, Any]) -> str:
+    text = ",".join(f"{k}={v}" for k, v in overrides.items()) or "base"
+    return f"{index:03d}_" + re.sub(r"[^A-Za-z0-9_.,=+-]", "_", text)
+
+
+def apply_overrides(base: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(base.to_dict())
+    for name, value in overrides.items():
+        if name not in config:
+            raise UserError(f"sweep: {name!r} is not a config field (fields: {sorted(config)})")
+        config[name] = value
+    return config
+
+
+def run_sweep(base: ml_collections.ConfigDict, settings: Sequence[Mapping[str, Any]], workdir: str | Path,
+              log=print) -> list[dict[str, Any]]:
+    """Runs every setting not yet finished; returns one result row per setting."""
+    workdir = Path(workdir)
+    configs = [apply_overrides(base, overrides) for overrides in settings]  # all checked up front
+    rows = []
+    for index, (overrides, config) in enumerate(zip(settings, configs)):
+        run_dir = workdir / run_name(index, overrides)
+        summary_path = run_dir / "summary.json"
+        if summary_path.is_file():
+            log(f"[{index + 1}/{len(settings)}] {run_dir.name}: finished before, skipped")
+            summary = json.loads(summary_path.read_text())
+        else:
+            log(f"[{index + 1}/{len(settings)}] {run_dir.name}")
+            summary = train.train_and_evaluate(config, run_dir)
+        rows.append({"run": run_dir.name, **overrides,
+                     "train_seconds": sum(summary.get("epoch_seconds") or [0.0]),
+                     **{k: summary.get(k) for k in RESULT_FIELDS if k != "train_seconds"}})
+    return rows
+
+
+def write_results(rows: Sequence[Mapping[str, Any]], workdir: str | Path, title: str) -> None:
+    """results.csv, results.md and results.png in ``workdir``."""
+    workdir = Path(workdir)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with (workdir / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def cell(value):
+        return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
+
+    lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    (workdir / "results.md").write_text("\n".join(lines) + "\n")
+    metrics.plot_sweep(rows, workdir / "results.png", title)
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import app, flags, logging
+
+    flags.DEFINE_string("config", None, "Sweep config file (configs/sweeps/*.py).", required=True)
+    flags.DEFINE_string("workdir", None, "Where the runs go (default runs/<sweep name>).")
+    flags.DEFINE_multi_string("set", [], "Base config override NAME=VALUE (Python literal), repeatable.")
+
+    def run(argv):
+        del argv
+        logging.set_verbosity(logging.ERROR)
+        FLAGS = flags.FLAGS
+        workdir = Path(FLAGS.workdir or Path("runs") / Path(FLAGS.config).stem)
+        try:
+            module = load_config_module(FLAGS.config)
+            base = module.get_config()
+            for item in FLAGS.set:
+                name, _, value = item.partition("=")
+                base = apply_overrides(base, {name: _literal(value)})
+            settings = module.get_sweep()
+            start = time.perf_counter()
+            rows = run_sweep(base, settings, workdir)
+            write_results(rows, workdir, title=f"sweep {Path(FLAGS.config).stem}")
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        print(f"{len(rows)} runs in {time.perf_counter() - start:.0f}s; table: {workdir / 'results.md'}")
+        print((workdir / "results.md").read_text())
+
+    app.run(run, argv)
+
+
+def _literal(text: str):
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+if __name__ == "__main__":
+    main(sys.argv)
