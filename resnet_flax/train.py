@@ -1,10 +1,11 @@
 """Training and evaluation: the train state, the compiled steps, and the loop that ties them.
 
-An epoch runs on the device: the dataset is placed there once, the epoch's batches are index
-arrays, and ``lax.scan`` runs a chunk of steps per call (the progress bar moves between chunks).
-The last, partial batch is padded and masked (BatchNorm statistics and the loss ignore the
-padding), so every training example is used each epoch and evaluation counts each test example
-exactly once.
+An epoch is a few compiled calls: each runs a chunk of steps with ``lax.scan`` on donated
+buffers, and the progress bar moves between chunks. While the device runs one chunk, the host
+gathers the next chunk's batches (each process only the slice its devices hold; a few hundred KB)
+and waits only for the previous chunk's sums. The last, partial batch is padded and masked
+(BatchNorm statistics and the loss ignore the padding), so every training example is used each
+epoch and evaluation counts each test example exactly once.
 """
 
 import functools
