@@ -95,9 +95,11 @@ class Checkpointer:
         for epoch in sorted(self._manager.all_steps(), reverse=True):
             where = str(self.root / str(epoch))
             try:
-                check_matches(self._manager.item_metadata(epoch)["variables"], variables, where, "variable")
-                check_matches(self._manager.item_metadata(epoch)["optimizer"], optimizer, where,
-                              "optimizer entry")
+                metadata = self._manager.item_metadata(epoch)
+                if any(metadata.get(item) is None for item in ("variables", "optimizer")):
+                    raise FileNotFoundError("its metadata is missing")
+                check_matches(metadata["variables"], variables, where, "variable")
+                check_matches(metadata["optimizer"], optimizer, where, "optimizer entry")
                 restored = self._manager.restore(epoch, args=ocp.args.Composite(
                     variables=ocp.args.StandardRestore(variables), optimizer=ocp.args.StandardRestore(optimizer)))
             except UserError:
@@ -155,10 +157,11 @@ def restore_variables(path: str | Path, variables: Mapping, epoch: int | None = 
     manager = _manager(root, read_only=True)
     try:
         where = str(root / str(epoch))
-        check_matches(manager.item_metadata(epoch)["variables"], variables, where, "variable")
+        metadata = manager.item_metadata(epoch)
+        check_matches(metadata["variables"], variables, where, "variable")
         items = {"variables": ocp.args.StandardRestore(variables)}
         if optimizer is not None:
-            check_matches(manager.item_metadata(epoch)["optimizer"], optimizer, where, "optimizer entry")
+            check_matches(metadata["optimizer"], optimizer, where, "optimizer entry")
             items["optimizer"] = ocp.args.StandardRestore(optimizer)
         restored = manager.restore(epoch, args=ocp.args.Composite(**items))
     finally:

@@ -65,7 +65,9 @@ def format_result(result: dict) -> str:
     if "error" in result:
         return f"error: {result['error']}"
     vector = ", ".join(f"{p:.4f}" for p in result["probabilities"])
-    return f"{result['file']}: class {result['class']} (p = {max(result['probabilities']):.4f}); [p(0)..p(5)] = [{vector}]"
+    last = len(result["probabilities"]) - 1
+    return (f"{result['file']}: class {result['class']} (p = {max(result['probabilities']):.4f}); "
+            f"[p(0)..p({last})] = [{vector}]")
 
 
 def main(argv):

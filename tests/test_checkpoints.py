@@ -67,6 +67,10 @@ def smoke_copy(smoke_run, tmp_path):
 
 
 def damage(checkpoint_dir, how):
+    if how == "metadata":
+        for path in checkpoint_dir.rglob("_METADATA"):
+            path.unlink()
+        return
     files = sorted(p for p in (checkpoint_dir / "variables").rglob("*") if p.is_file()
                    and "ocdbt.process_0" in str(p))
     assert files
@@ -77,7 +81,7 @@ def damage(checkpoint_dir, how):
             path.unlink()
 
 
-@pytest.mark.parametrize("how", ["truncate", "delete"])
+@pytest.mark.parametrize("how", ["truncate", "delete", "metadata"])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(smoke_run, smoke_copy, how, capsys):
     reference_variables, reference_optimizer = checkpoint_trees(smoke_run[0])
     damage(smoke_copy / "checkpoints" / "2", how)
