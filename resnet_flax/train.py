@@ -156,10 +156,11 @@ def make_evaluate(apply_fn, num_classes: int):
 
 
 def summarize(sums: Mapping[str, Any]) -> dict[str, float]:
+    """Mean loss and accuracy from summed ones (NaN when no example was counted)."""
     sums = jax.device_get(sums)
     count = float(sums["count"])
-    return {"loss": float(sums["loss_sum"]) / count, "accuracy": float(sums["correct"]) / count,
-            "count": int(count)}
+    mean = (lambda total: float(total) / count) if count else (lambda total: math.nan)
+    return {"loss": mean(sums["loss_sum"]), "accuracy": mean(sums["correct"]), "count": int(count)}
 
 
 def largest_divisor_at_most(n: int, limit: int) -> int:

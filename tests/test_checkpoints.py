@@ -2,7 +2,6 @@
 other runs' weights can be started from, and evaluate reads a checkpoint."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
