@@ -56,7 +56,7 @@ def main() -> None:
     lines = [
         "# configs/signs_best.py: ResNet-50 from scratch on SIGNS, three seeds", "",
         "Command per seed: `python -m resnet_flax.main --config=configs/signs_best.py --config.seed=S` "
-        f"(driver: `python experiments/signs_best_seeds.py`), cold compile (cache off).  ",
+        "(driver: `python experiments/signs_best_seeds.py`), cold compile (cache off).  ",
         f"Machine: {machine()}. Date: {datetime.date.today()}.", "",
         "| seed | test accuracy | re-estimated BN | unseen test (108) | train accuracy | epochs | "
         "wall time (start to end) | training time | load before/after |",

@@ -1,4 +1,4 @@
-"""Learning rate x batch size for the signs_best recipe: ResNet-50, 8 epochs each.
+"""Learning rate x batch size for the signs_best recipe: ResNet-50, 6 epochs each.
 
 Run it:   python -m resnet_flax.sweep --config=configs/sweeps/lr_batch.py --workdir=runs/lr_batch
 Time:     about 6 x 2.5 minutes on a 2-core CPU.
@@ -12,7 +12,7 @@ from resnet_flax.sweep import product, sweep
 
 def get_config():
     config = load_config_file(Path(__file__).parents[1] / "signs_best.py")
-    config.num_epochs = 8
+    config.num_epochs = 6
     config.checkpoint_every_epochs = 4
     return config
 

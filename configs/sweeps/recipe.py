@@ -1,4 +1,4 @@
-"""What each ingredient of configs/signs_best.py adds: ResNet-50, 12 epochs each, one seed.
+"""What each ingredient of configs/signs_best.py adds: ResNet-50, 10 epochs each, one seed.
 
 Run it:   python -m resnet_flax.sweep --config=configs/sweeps/recipe.py --workdir=runs/recipe
 Time:     about 5 x 4 minutes on a 2-core CPU.
@@ -11,7 +11,7 @@ from resnet_flax.config import load_config_file
 
 def get_config():
     config = load_config_file(Path(__file__).parents[1] / "signs_best.py")
-    config.num_epochs = 12
+    config.num_epochs = 10
     config.checkpoint_every_epochs = 4
     return config
 
