@@ -7,6 +7,7 @@ resumes from its checkpoints, so a killed sweep restarted with the same command 
 stopped. At the end ``results.csv``, ``results.md`` and ``results.png`` tabulate every run.
 """
 
+import ast
 import csv
 import itertools
 import json
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from absl import app, flags, logging
 
 from resnet_flax import metrics, train
 from resnet_flax.config import load_config_module
@@ -98,40 +100,36 @@ def write_results(rows: Sequence[Mapping[str, Any]], workdir: str | Path, title:
     metrics.plot_sweep(rows, workdir / "results.png", title)
 
 
-def main(argv: Sequence[str]) -> None:
-    from absl import app, flags, logging
-
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a command so that importing stays free."""
     flags.DEFINE_string("config", None, "Sweep config file (configs/sweeps/*.py).", required=True)
     flags.DEFINE_string("workdir", None, "Where the runs go (default runs/<sweep name>).")
-    flags.DEFINE_multi_string("set", [], "Base config override NAME=VALUE (Python literal), repeatable.")
+    flags.DEFINE_multi_string("set", [], "Base config override NAME=VALUE (a Python literal), repeatable.")
 
-    def run(argv):
-        del argv
-        logging.set_verbosity(logging.ERROR)
-        FLAGS = flags.FLAGS
-        workdir = Path(FLAGS.workdir or Path("runs") / Path(FLAGS.config).stem)
-        try:
-            module = load_config_module(FLAGS.config)
-            base = module.get_config()
-            for item in FLAGS.set:
-                name, _, value = item.partition("=")
-                base = apply_overrides(base, {name: _literal(value)})
-            settings = module.get_sweep()
-            start = time.perf_counter()
-            rows = run_sweep(base, settings, workdir)
-            write_results(rows, workdir, title=f"sweep {Path(FLAGS.config).stem}")
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
-        print(f"{len(rows)} runs in {time.perf_counter() - start:.0f}s; table: {workdir / 'results.md'}")
-        print((workdir / "results.md").read_text())
 
-    app.run(run, argv)
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.ERROR)
+    FLAGS = flags.FLAGS
+    workdir = Path(FLAGS.workdir or Path("runs") / Path(FLAGS.config).stem)
+    start = time.perf_counter()
+    try:
+        module = load_config_module(FLAGS.config)
+        base = module.get_config()
+        for item in FLAGS.set:
+            name, _, value = item.partition("=")
+            base = apply_overrides(base, {name: _literal(value)})
+        rows = run_sweep(base, module.get_sweep(), workdir)
+        write_results(rows, workdir, title=f"sweep {Path(FLAGS.config).stem}")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"{len(rows)} runs in {time.perf_counter() - start:.0f}s; table: {workdir / 'results.md'}")
+    print((workdir / "results.md").read_text())
 
 
 def _literal(text: str):
-    import ast
-
+    """``--set`` values: Python literals (numbers, booleans, quoted strings), else the text."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -139,4 +137,5 @@ def _literal(text: str):
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    define_flags()
+    app.run(main)
