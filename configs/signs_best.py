@@ -7,7 +7,8 @@ Recipe:   the assignment's model and Adam, plus random shifts and flips, a short
           cosine decay of the learning rate, label smoothing 0.1, and BatchNorm statistics
           re-estimated at the end. configs/sweeps/recipe.py measures what each ingredient adds;
           configs/sweeps/lr_batch.py picks the learning rate and batch size.
-Time/Expect: see experiments/README.md (results of three seeds, with the command and machine).
+Time:     9.8-10.3 minutes start to end on a 2-core x86-64 CPU (about 18 s per epoch).
+Expect:   Test Accuracy 0.975 / 0.983 / 0.983 for seeds 0 / 1 / 2 (experiments/signs_best/).
 """
 
 from resnet_flax.config import default_config

@@ -1,7 +1,7 @@
 """Learning rate x batch size for the signs_best recipe: ResNet-50, 6 epochs each.
 
 Run it:   python -m resnet_flax.sweep --config=configs/sweeps/lr_batch.py --workdir=runs/lr_batch
-Time:     about 6 x 2.5 minutes on a 2-core CPU.
+Time:     about 6 x 2 minutes on a 2-core CPU.
 """
 
 from pathlib import Path

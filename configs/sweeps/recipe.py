@@ -1,7 +1,7 @@
 """What each ingredient of configs/signs_best.py adds: ResNet-50, 10 epochs each, one seed.
 
 Run it:   python -m resnet_flax.sweep --config=configs/sweeps/recipe.py --workdir=runs/recipe
-Time:     about 5 x 4 minutes on a 2-core CPU.
+Time:     about 5 x 3.3 minutes on a 2-core CPU.
 """
 
 from pathlib import Path
