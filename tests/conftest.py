@@ -57,6 +57,11 @@ def config():
     return default_config()
 
 
+def is_batchnorm_fed_bias(name: str) -> bool:
+    """A conv bias (``keystr`` path) that feeds a BatchNorm: every conv bias of the model."""
+    return name.endswith("['bias']") and ("['res" in name or "['conv1']" in name)
+
+
 def assert_states_close(a, b, rtol=1e-4, atol=1e-6):
     """Params and batch statistics of two train states agree, except the conv biases.
 
@@ -67,8 +72,7 @@ def assert_states_close(a, b, rtol=1e-4, atol=1e-6):
     def leaves(state):
         flat = jax.tree_util.tree_leaves_with_path({"params": state.params, "batch_stats": state.batch_stats})
         named = {jax.tree_util.keystr(path): leaf for path, leaf in flat}
-        return {k: v for k, v in named.items()
-                if not (k.endswith("['bias']") and ("['res" in k or "['conv1']" in k))}
+        return {k: v for k, v in named.items() if not is_batchnorm_fed_bias(k)}
 
     leaves_a, leaves_b = leaves(a), leaves(b)
     assert leaves_a.keys() == leaves_b.keys() and len(leaves_a) > 20

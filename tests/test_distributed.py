@@ -7,10 +7,11 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, checkpoint_trees, smoke_config
+from conftest import REPO, checkpoint_trees, is_batchnorm_fed_bias, smoke_config
 from resnet_flax import pretrained, train
 
 # Runs in a subprocess with 4 CPU devices: three training steps of the tiny model on a mesh of one
@@ -66,7 +67,7 @@ def test_four_devices_train_like_one(tmp_path):
         # Conv biases feed a BatchNorm: their gradient is rounding noise that Adam amplifies to
         # steps of +-lr (see conftest.assert_states_close). They do not change any output, but the
         # running means average them in (0.01 x bias per step); everything else agrees tightly.
-        if name.endswith("['bias']") and ("['res" in name or "['conv1']" in name):
+        if is_batchnorm_fed_bias(name):
             continue
         atol = 3 * 0.01 * 1e-3 if name.endswith("['mean']") else 2e-6
         np.testing.assert_allclose(results[f"four:{name}"], results[f"one:{name}"], rtol=1e-4, atol=atol,
@@ -88,12 +89,10 @@ def one_epoch_reference(tmp_path_factory):
 def assert_close_to_reference(workdir, reference_dir, atol):
     ours, reference = checkpoint_trees(workdir)[0], checkpoint_trees(reference_dir)[0]
     for collection in ("params", "batch_stats"):
-        import jax
-
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours[collection]),
                                 jax.tree.leaves(reference[collection])):
             name = jax.tree_util.keystr(path)
-            if name.endswith("['bias']") and ("['res" in name or "['conv1']" in name):
+            if is_batchnorm_fed_bias(name):
                 continue  # rounding noise amplified by Adam, as above
             # Running means take in 1% of those biases per step, and after t steps two runs' biases
             # can be 2 lr t apart: at most 0.01 x sum over 17 steps of 2e-3 t, about 3e-3.
