@@ -22,7 +22,7 @@ def get_config():
     config.learning_rate = 2e-3
     config.label_smoothing = 0.1
     config.batch_size = 32
-    config.num_epochs = 30
+    config.num_epochs = 27
     config.bn_recalibration_batches = 34
     config.checkpoint_every_epochs = 5
     return config

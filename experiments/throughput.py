@@ -13,7 +13,9 @@ memory peaks do not mix):
 
 For each: steady-state training and evaluation images/s (timed after warm-up), the cold compile
 time (``jit(...).lower(...).compile()`` wall time), the time from process start to the end of the
-first training step, and the peak RSS (``ru_maxrss`` of that subprocess). The run also measures
+first training step, and the peak RSS (``ru_maxrss`` of that subprocess). For JAX, a second short
+process then starts again with the persistent compilation cache the first one filled (as a second
+``resnet_flax.main`` run finds it) and measures its compile time and time to the first step. The run also measures
 the machine's float32 matmul rate (2048^3 ``jnp.dot``) and takes a training step's FLOPs from
 XLA's cost analysis, to say how far each configuration is from the matmul floor.
 
@@ -22,6 +24,7 @@ Writes ``experiments/throughput.md`` and ``experiments/throughput.json``.
     python experiments/throughput.py                 # the full run (~10 minutes on 2 cores)
     python experiments/throughput.py --quick         # a smoke check: a few steps, writes nothing
     python experiments/throughput.py --only=jax,torch --steps=40
+    python experiments/throughput.py --only=jax --precision=default   # e.g. TF32 on a GPU
 """
 
 import argparse
@@ -98,10 +101,13 @@ def worker_jax(args) -> dict:
     from resnet_flax import config as config_lib
     from resnet_flax import input_pipeline, models, runtime, train
 
+    if args.cache_dir:
+        runtime.enable_compilation_cache(args.cache_dir)
     config = config_lib.default_config()
     config.conv_impl = args.impl
+    config.matmul_precision = args.precision
     config.batch_size = BATCH
-    model = models.create_model("resnet50", num_classes=NUM_CLASSES, conv_impl=args.impl)
+    model = models.model_from_config(config)
     chunk = train.largest_divisor_at_most(STEPS_PER_EPOCH, config.steps_per_chunk)
     make_chunk = train.make_train_chunk(config)
     evaluate = train.make_evaluate(model.apply, NUM_CLASSES)
@@ -124,8 +130,9 @@ def worker_jax(args) -> dict:
     def run_chunk(state, i):
         return make_chunk_compiled(state, *batch_args(*full_chunks[i % len(full_chunks)]))
 
-    # Cold compile of the training chunk: this process has compiled nothing of this model before
-    # (and the persistent compilation cache is off: the driver strips JAX_COMPILATION_CACHE_*).
+    # Cold compile of the training chunk: this process has compiled nothing of this model before,
+    # and the driver gives the first process an empty compilation cache (it strips
+    # JAX_COMPILATION_CACHE_*); a --first-step-only process then starts again on the filled cache.
     start = time.perf_counter()
     make_chunk_compiled = make_chunk.lower(state, *batch_args(*full_chunks[0])).compile()
     compile_s = time.perf_counter() - start
@@ -135,6 +142,9 @@ def worker_jax(args) -> dict:
     jax.block_until_ready((state, sums))
     first_chunk_s = time.perf_counter() - start
     time_to_first_step = time.time() - t0
+    if args.first_step_only:
+        return {"config": f"jax {args.impl} (warm cache)", "compile_seconds": compile_s,
+                "time_to_first_step_seconds": time_to_first_step, "peak_rss_bytes": _peak_rss()}
     # Warm-up: more chunks unless the first was already slow (XLA's CPU convolutions can take
     # tens of seconds a step; their later steps are no faster).
     warmup_start, last_chunk_s = time.perf_counter(), first_chunk_s
@@ -207,6 +217,7 @@ def worker_jax(args) -> dict:
         "config": f"jax {args.impl}",
         "framework": "jax",
         "conv_impl": args.impl,
+        "precision": args.precision,
         "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
         "batch_size": BATCH,
         "steps_per_chunk": chunk,
@@ -346,7 +357,8 @@ def fmt(value, spec: str, missing: str = "n/a", suffix: str = "") -> str:
 def build_table(results: list[dict], flops: float | None, gemm: float | None) -> str:
     torch_result = next((r for r in results if r.get("framework") == "torch" and "error" not in r), None)
     head = ("| config | device | steps timed | train img/s | eval img/s (b32) | eval img/s (b40) | train vs PyTorch "
-            "| eval vs PyTorch | compile s | first step from start s | peak RSS GiB | s / SIGNS epoch "
+            "| eval vs PyTorch | compile s | first step from start s | same, warm cache s | peak RSS GiB "
+            "| s / SIGNS epoch "
             "| achieved GFLOP/s | of GEMM rate |")
     columns = head.count(" | ") + 1
     lines = [head, "|" + "---|" * columns]
@@ -366,6 +378,7 @@ def build_table(results: list[dict], flops: float | None, gemm: float | None) ->
             f"| {fmt(ratio_eval, '.2f', suffix='x')} "
             f"| {fmt(r.get('compile_seconds'), '.1f', 'n/a (eager)')} "
             f"| {fmt(r.get('time_to_first_step_seconds'), '.1f')} "
+            f"| {fmt(r.get('warm', {}).get('time_to_first_step_seconds'), '.1f')} "
             f"| {r['peak_rss_bytes'] / 2**30:.2f} | {STEPS_PER_EPOCH * BATCH / train_ips:.1f} "
             f"| {fmt(achieved, '.1f')} | {fmt(achieved / gemm if achieved and gemm else None, '.0%')} |")
     return "\n".join(lines)
@@ -381,6 +394,9 @@ def main(argv=None) -> int:
                         help=f"comma-separated subset of {','.join(GROUPS)} (or jax-xla, jax-gemm)")
     parser.add_argument("--steps", type=int, default=None, help="measured training steps per config "
                         "(default 20; 2 with --quick)")
+    parser.add_argument("--precision", default="highest", choices=("highest", "high", "default"),
+                        help="the model's matmul/conv precision (config.matmul_precision); 'default' "
+                             "lets a GPU use TensorFloat-32")
     parser.add_argument("--out", default=None,
                         help="output path without suffix (default experiments/throughput; none with --quick)")
     parser.add_argument("--render", metavar="JSON",
@@ -394,6 +410,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=60.0, help=argparse.SUPPRESS)
     parser.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--first-step-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
@@ -437,11 +455,17 @@ def main(argv=None) -> int:
 
     results = []
     for impl in impls:
-        results.append(run_worker(f"jax-{impl}", [
-            __file__, "--worker", "jax", "--impl", impl, "--steps", str(steps), *quick,
-            "--warmup-chunks", "1" if args.quick else "2",
-            "--eval-images", "128" if args.quick else "320",
-            "--budget-s", "20" if args.quick else "60"]))
+        with tempfile.TemporaryDirectory() as cache:
+            common = [__file__, "--worker", "jax", "--impl", impl, "--precision", args.precision,
+                      "--cache-dir", cache]
+            result = run_worker(f"jax-{impl}", [
+                *common, "--steps", str(steps), *quick,
+                "--warmup-chunks", "1" if args.quick else "2",
+                "--eval-images", "128" if args.quick else "320",
+                "--budget-s", "20" if args.quick else "60"])
+            if "error" not in result:
+                result["warm"] = run_worker(f"jax-{impl}-warm", [*common, "--first-step-only"])
+        results.append(result)
     skipped = []
     if "torch" in wanted:
         if backend != "cpu":
@@ -493,6 +517,8 @@ def render(payload: dict, rendered_by: str | None = None) -> tuple[str, str, dic
     finished = datetime.datetime.fromisoformat(payload["finished"])
 
     table = build_table(results, flops, gemm)
+    # Runs before config.matmul_precision existed used JAX's default precision.
+    precisions = " / ".join(sorted({repr(r.get("precision", "default")) for r in jax_ok})) or "n/a"
     notes = [
         f"- Load average (1, 5, 15 min) before: {payload['load_average_before']}; after: "
         f"{payload['load_average_after']}. The machine is shared: other processes may have taken CPU "
@@ -526,6 +552,11 @@ def render(payload: dict, rendered_by: str | None = None) -> tuple[str, str, dic
         "first `train_on_batch` (trace + compile + one step) less one steady step. First step from "
         "start: process launch (interpreter, imports, data, init, compile) to the end of the first "
         "training step. Peak RSS: `ru_maxrss` of the config's own subprocess.",
+        "- same, warm cache: JAX only; a second process of the same config, started after the first "
+        "had filled a fresh persistent compilation cache (as a second `resnet_flax.main` run finds its "
+        "cache), to the end of its first training step"
+        + "".join(f"; {r['config']}: compile {r['warm']['compile_seconds']:.1f} s"
+                  for r in jax_ok if "compile_seconds" in r.get("warm", {})) + ".",
     ]
     for r in jax_ok:
         scanned = BATCH / r["train_images_per_second"]
@@ -551,7 +582,8 @@ def render(payload: dict, rendered_by: str | None = None) -> tuple[str, str, dic
     md = "\n".join([
         "# ResNet-50 training throughput: this project vs PyTorch and Keras",
         "",
-        f"ResNet-50 (the assignment's), batch 32, 64x64x3, float32, random SIGNS-shaped data. "
+        f"ResNet-50 (the assignment's), batch 32, 64x64x3, float32 (JAX conv/matmul precision "
+        f"{precisions}), random SIGNS-shaped data. "
         f"Run {started:%Y-%m-%d %H:%M} - {finished:%H:%M} UTC with:",
         "",
         "```bash",

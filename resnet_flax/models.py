@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_flax.conv import Conv2D
+from resnet_flax.conv import PRECISIONS, Conv2D
 from resnet_flax.errors import UserError
 
 ModuleDef = Callable[..., nn.Module]
@@ -48,6 +48,7 @@ class IdentityBlock(nn.Module):
     stage: int | str
     block: str
     conv_impl: str = "auto"
+    precision: str = "highest"
     residual: bool = True
 
     @nn.compact
@@ -55,7 +56,7 @@ class IdentityBlock(nn.Module):
         f1, f2, f3 = self.filters
         f = self.kernel_size
         conv_name, bn_name = layer_name_bases(self.stage, self.block)
-        conv = functools.partial(Conv2D, impl=self.conv_impl)
+        conv = functools.partial(Conv2D, impl=self.conv_impl, precision=self.precision)
         norm = functools.partial(
             nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON
         )
@@ -84,6 +85,7 @@ class ConvolutionalBlock(nn.Module):
     block: str
     strides: int = 2
     conv_impl: str = "auto"
+    precision: str = "highest"
     residual: bool = True
 
     @nn.compact
@@ -91,7 +93,7 @@ class ConvolutionalBlock(nn.Module):
         f1, f2, f3 = self.filters
         f, s = self.kernel_size, self.strides
         conv_name, bn_name = layer_name_bases(self.stage, self.block)
-        conv = functools.partial(Conv2D, impl=self.conv_impl)
+        conv = functools.partial(Conv2D, impl=self.conv_impl, precision=self.precision)
         norm = functools.partial(
             nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON
         )
@@ -125,6 +127,8 @@ class ResNet(nn.Module):
       stem_features: filters of ``conv1``.
       kernel_size: the middle window ``f`` of every block.
       conv_impl: 'auto', 'xla' or 'gemm' (see ``resnet_flax.conv``).
+      precision: matmul/conv precision of every conv and the dense layer: 'highest' (float32
+        products on every backend), 'high' or 'default' (the backend's fastest, e.g. TF32 on GPU).
       residual: False builds the plain twin: the same layers without shortcut additions (the
         convolutional blocks' shortcut convs are dropped as well).
     """
@@ -140,6 +144,7 @@ class ResNet(nn.Module):
     stem_features: int = 64
     kernel_size: int = 3
     conv_impl: str = "auto"
+    precision: str = "highest"
     residual: bool = True
 
     @nn.compact
@@ -153,7 +158,8 @@ class ResNet(nn.Module):
         if mask is not None:
             mask = mask.reshape(-1, 1, 1, 1)
         x = jnp.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)))
-        x = Conv2D(self.stem_features, (7, 7), strides=(2, 2), impl=self.conv_impl, name="conv1")(x)
+        x = Conv2D(self.stem_features, (7, 7), strides=(2, 2), impl=self.conv_impl,
+                   precision=self.precision, name="conv1")(x)
         x = nn.BatchNorm(
             use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="bn_conv1"
         )(x, mask=mask)
@@ -171,6 +177,7 @@ class ResNet(nn.Module):
                     stage=stage,
                     block=letter,
                     conv_impl=self.conv_impl,
+                    precision=self.precision,
                     residual=self.residual,
                     name=f"block{stage}{letter}",
                 )
@@ -186,6 +193,7 @@ class ResNet(nn.Module):
         return nn.Dense(
             self.num_classes,
             kernel_init=nn.initializers.glorot_uniform(),
+            precision=self.precision,
             name=f"fc{self.num_classes}",
         )(x)
 
@@ -228,10 +236,20 @@ def keras_layer_paths(variables: Mapping[str, Any]) -> dict[str, tuple[str, ...]
     return paths
 
 
-def create_model(name: str, *, num_classes: int, conv_impl: str = "auto") -> ResNet:
+def create_model(name: str, *, num_classes: int, conv_impl: str = "auto",
+                 precision: str = "highest") -> ResNet:
     """Builds one of :data:`MODELS` by name."""
     if name not in MODELS:
         raise UserError(f"config.model: unknown model {name!r}; expected one of {sorted(MODELS)}")
     if num_classes < 1:
         raise UserError(f"config.num_classes must be >= 1, got {num_classes}")
-    return MODELS[name](num_classes=num_classes, conv_impl=conv_impl)
+    if precision not in PRECISIONS:
+        raise UserError(f"config.matmul_precision must be one of {PRECISIONS}, got {precision!r}")
+    return MODELS[name](num_classes=num_classes, conv_impl=conv_impl, precision=precision)
+
+
+def model_from_config(config: Mapping[str, Any], num_classes: int | None = None) -> ResNet:
+    """The model a run's config describes (a config saved before a field existed gets its default)."""
+    return create_model(config["model"], num_classes=num_classes or config["num_classes"],
+                        conv_impl=config.get("conv_impl", "auto"),
+                        precision=config.get("matmul_precision", "highest"))

@@ -46,7 +46,7 @@ def load(workdir: str | Path, epoch: int | None = None) -> Trained:
     """The model and weights of ``workdir``'s newest checkpoint (or of ``epoch``)."""
     epoch = checkpoints.latest_epoch(workdir) if epoch is None else epoch
     config = checkpoints.load_config(workdir, epoch)
-    model = models.create_model(config.model, num_classes=config.num_classes, conv_impl=config.conv_impl)
+    model = models.model_from_config(config)
     variables, _ = checkpoints.restore_variables(
         workdir, abstract_variables(model, config.image_size), epoch=epoch)
     return Trained(model, variables, config, epoch)

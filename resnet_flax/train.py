@@ -285,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, m
     mesh = runtime.make_mesh() if mesh is None else mesh
     runtime.check_divisible(config.batch_size, mesh, "batch_size")
     runtime.check_divisible(config.eval_batch_size, mesh, "eval_batch_size")
-    model = models.create_model(config.model, num_classes=config.num_classes, conv_impl=config.conv_impl)
+    model = models.model_from_config(config)
     num_train = len(dataset.train)
     steps_per_epoch = -(-num_train // config.batch_size)
     chunk = largest_divisor_at_most(steps_per_epoch, config.steps_per_chunk)

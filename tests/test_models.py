@@ -114,6 +114,53 @@ def test_unknown_model_name_is_a_user_error():
         models.create_model("resnet51", num_classes=6)
 
 
+def products(jaxpr) -> list:
+    """Every conv and matmul equation of ``jaxpr``, nested jaxprs (jit, custom rules) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+            found.append(eqn)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    found += products(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    found += products(sub)
+    return found
+
+
+@pytest.mark.parametrize("conv_impl", ["xla", "gemm"])
+@pytest.mark.parametrize("precision", ["highest", "default"])
+def test_every_conv_and_matmul_runs_at_the_model_precision(conv_impl, precision):
+    # On a GPU, float32 products default to TensorFloat-32 (about 3 significant digits); the model
+    # asks for its precision explicitly in every layer, forward and backward.
+    model = models.create_model("resnet_tiny", num_classes=6, conv_impl=conv_impl, precision=precision)
+    x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+
+    def loss(params, batch_stats, x):
+        logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                mutable=["batch_stats"])
+        return jnp.sum(logits)
+
+    forward = products(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x).jaxpr)
+    backward = products(jax.make_jaxpr(jax.grad(loss))(variables["params"], variables["batch_stats"], x).jaxpr)
+    assert len(forward) == 9 + 1  # conv1, two blocks of four convs, fc6
+    assert len(backward) > 2 * len(forward)  # forward again, plus input and weight gradients
+    expected = jax.lax.Precision.HIGHEST if precision == "highest" else jax.lax.Precision.DEFAULT
+    for eqn in forward + backward:
+        assert eqn.params["precision"] == (expected, expected), eqn
+
+
+def test_model_from_config_fills_fields_an_older_config_lacks():
+    old = {"model": "resnet_tiny", "num_classes": 6}  # saved before conv_impl / matmul_precision
+    model = models.model_from_config(old)
+    assert (model.conv_impl, model.precision, model.num_classes) == ("auto", "highest", 6)
+    assert models.model_from_config({**old, "matmul_precision": "default"}, num_classes=3).precision == "default"
+    with pytest.raises(UserError, match="config.matmul_precision.*'fp32'"):
+        models.model_from_config({**old, "matmul_precision": "fp32"})
+
+
 @pytest.fixture(scope="module")
 def tiny():
     model = models.create_model("resnet_tiny", num_classes=6)

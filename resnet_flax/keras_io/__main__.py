@@ -36,7 +36,7 @@ def import_weights(keras_file: str | Path, workdir: str | Path) -> int:
         raise UserError(f"{workdir}: already holds checkpoints; import into a new workdir")
     config = default_config()
     config.num_classes = num_classes
-    model = models.create_model(config.model, num_classes=num_classes, conv_impl=config.conv_impl)
+    model = models.model_from_config(config)
     state = train.create_train_state(config, model, steps_per_epoch=1)
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
     checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
