@@ -7,8 +7,10 @@ Recipe:   the assignment's model and Adam, plus random shifts and flips, a short
           cosine decay of the learning rate, label smoothing 0.1, and BatchNorm statistics
           re-estimated at the end. configs/sweeps/recipe.py measures what each ingredient adds;
           configs/sweeps/lr_batch.py picks the learning rate and batch size.
-Time:     9.8-10.3 minutes start to end on a 2-core x86-64 CPU (about 18 s per epoch).
+Time:     8.2-8.7 minutes start to end on a 2-core x86-64 CPU, cold compile (about 17 s per
+          epoch); 51 s on one H200 GPU.
 Expect:   Test Accuracy 0.975 / 0.983 / 0.983 for seeds 0 / 1 / 2 (experiments/signs_best/).
+          27 epochs: 30 gave the same accuracy (0.975 / 0.983 / 0.983) in 9.8-10.3 minutes.
 """
 
 from resnet_flax.config import default_config

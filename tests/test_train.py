@@ -1,6 +1,7 @@
 """Training end to end on the smoke config, determinism, masking, and the compiled steps."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -49,6 +50,10 @@ def test_smoke_run_writes_every_output(smoke_runs):
     assert abs(saved["test_accuracy"] * 120 - round(saved["test_accuracy"] * 120)) < 1e-9
 
 
+@pytest.mark.skipif(
+    jax.default_backend() == "gpu" and "--xla_gpu_deterministic_ops=true" not in os.environ.get("XLA_FLAGS", ""),
+    reason="XLA on GPU reduces with atomics unless XLA_FLAGS=--xla_gpu_deterministic_ops=true; two "
+           "runs differed in the 4th digit on an H200 (README, 'GPU')")
 def test_same_config_and_seed_give_identical_metrics(smoke_runs):
     (dir_a, a), (dir_b, b) = smoke_runs
     timing = {"epoch_seconds", "compile_seconds", "images_per_second"}
@@ -133,7 +138,7 @@ def test_scanned_chunk_equals_the_per_step_loop(tiny_setup):
     assert int(scanned.step) == int(looped.step) == 5
     # Five Adam steps move weights by up to 5e-3; rounding differences of the two programs show
     # up at 1e-5 in weights whose gradient is near zero (Adam divides by its size).
-    assert_states_close(looped, scanned, atol=5e-5)
+    assert_states_close(looped, scanned, atol=5e-5, steps=5, learning_rate=config.learning_rate)
     total = {k: sum(float(s[k]) for s in loop_sums) for k in scan_sums}
     np.testing.assert_allclose([float(scan_sums[k]) for k in total], list(total.values()), rtol=1e-5)
 

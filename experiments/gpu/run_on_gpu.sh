@@ -1,0 +1,18 @@
+#!/bin/bash
+# GPU check for issue 5: tests on the GPU, throughput at both precisions, signs_best end to end.
+cd "$(dirname "$0")/.."
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+mkdir -p ../shared/data && ln -sfn $PWD/.gpu/signs ../shared/data/signs
+python3 -c "import jax, flax, optax, orbax.checkpoint as o, h5py; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a $OUT/gpu.txt
+T0=$(date +%s)
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_conv.py tests/test_models.py tests/test_train.py > $OUT/tests.txt 2>&1; echo "tests rc $? $(( $(date +%s)-T0 )) s" | tee -a $OUT/tests.txt; tail -12 $OUT/tests.txt
+for p in highest default; do
+T0=$(date +%s)
+timeout 140 python3 experiments/throughput.py --only=jax --steps=60 --precision=$p --out=$OUT/throughput_gpu_$p > $OUT/throughput_stdout_$p.txt 2>&1; echo "throughput $p rc $? $(( $(date +%s)-T0 )) s"; grep -E "^\| jax" $OUT/throughput_gpu_$p.md
+done
+T0=$(date +%s)
+timeout 80 python3 -m resnet_flax.main --config=configs/signs_best.py --workdir=/tmp/sb > $OUT/signs_best_stdout.txt 2>&1; echo "signs_best rc $? $(( $(date +%s)-T0 )) s"
+cp /tmp/sb/summary.json $OUT/signs_best_summary.json 2>/dev/null
+tail -4 $OUT/signs_best_stdout.txt
