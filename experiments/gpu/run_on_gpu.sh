@@ -1,6 +1,9 @@
 #!/bin/bash
 # GPU check for issue 5: tests on the GPU, throughput at both precisions, signs_best end to end.
-cd "$(dirname "$0")/.."
+# Expects, in the repository root, .gpu/whl/ (wheels of ml_collections and tensorboardX, which the
+# GPU image lacks: `pip download --no-deps --python-version 3.12 ...`) and .gpu/signs/ (a copy of
+# ../shared/data/signs). $OUT is where the results go.
+cd "$(dirname "$0")/../.."
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
