@@ -72,6 +72,7 @@ def assert_states_close(a, b, rtol=1e-4, atol=1e-6, steps=0, learning_rate=0.0):
     (1 - momentum) * sum over steps j of 2 * lr * (j - 1) = 0.01 * lr * steps * (steps - 1).
     """
     mean_atol = max(atol, 0.01 * learning_rate * steps * (steps - 1))
+
     def leaves(state):
         flat = jax.tree_util.tree_leaves_with_path({"params": state.params, "batch_stats": state.batch_stats})
         named = {jax.tree_util.keystr(path): leaf for path, leaf in flat}

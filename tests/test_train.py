@@ -52,8 +52,9 @@ def test_smoke_run_writes_every_output(smoke_runs):
 
 @pytest.mark.skipif(
     jax.default_backend() == "gpu" and "--xla_gpu_deterministic_ops=true" not in os.environ.get("XLA_FLAGS", ""),
-    reason="XLA on GPU reduces with atomics unless XLA_FLAGS=--xla_gpu_deterministic_ops=true; two "
-           "runs differed in the 4th digit on an H200 (README, 'GPU')")
+    reason="XLA's GPU kernels are not run-to-run deterministic unless XLA_FLAGS has "
+           "--xla_gpu_deterministic_ops=true: two runs differed in the 4th digit on an H200 "
+           "(README, 'On a GPU')")
 def test_same_config_and_seed_give_identical_metrics(smoke_runs):
     (dir_a, a), (dir_b, b) = smoke_runs
     timing = {"epoch_seconds", "compile_seconds", "images_per_second"}
