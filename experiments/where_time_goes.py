@@ -40,7 +40,6 @@ def step_worker(variant: str, reps: int) -> dict:
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import optax
 
     if variant == "no BatchNorm":
@@ -57,16 +56,10 @@ def step_worker(variant: str, reps: int) -> dict:
                     "bias", nn.initializers.zeros, (features,))
 
         nn.BatchNorm = ScaleShift  # models.py looks it up at call time
-    from resnet_flax import config as config_lib
-    from resnet_flax import input_pipeline, models, runtime, train
+    from resnet_flax import input_pipeline
+    from step_inputs import gemm_resnet50_state_and_batch
 
-    config = config_lib.default_config()
-    config.conv_impl = "gemm"
-    model = models.model_from_config(config)
-    state = train.create_train_state(config, model, 34, runtime.make_mesh())
-    rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.integers(0, 256, (32, 64, 64, 3), dtype=np.uint8)),
-             "label": jnp.asarray(rng.integers(0, 6, 32).astype(np.int32)), "mask": jnp.ones((32,), bool)}
+    _, state, batch = gemm_resnet50_state_and_batch()
 
     def step(state, batch):
         images = input_pipeline.normalize(batch["image"])

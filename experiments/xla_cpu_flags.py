@@ -34,18 +34,11 @@ FLAG_SETS = [
 def worker(reps: int) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
-    from resnet_flax import config as config_lib
-    from resnet_flax import models, runtime, train
+    from resnet_flax import train
+    from step_inputs import gemm_resnet50_state_and_batch
 
-    config = config_lib.default_config()
-    config.conv_impl = "gemm"
-    model = models.model_from_config(config)
-    state = train.create_train_state(config, model, 34, runtime.make_mesh())
-    rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.integers(0, 256, (32, 64, 64, 3), dtype=np.uint8)),
-             "label": jnp.asarray(rng.integers(0, 6, 32).astype(np.int32)), "mask": jnp.ones((32,), bool)}
+    model, state, batch = gemm_resnet50_state_and_batch()
     key = jax.random.key(0)
     step = jax.jit(functools.partial(train.train_step, num_classes=6), donate_argnums=0)
     start = time.perf_counter()

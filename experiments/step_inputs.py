@@ -1,0 +1,20 @@
+"""What the step benchmarks share: the assignment's ResNet-50 ('gemm' conv) with a fresh train
+state, and one random SIGNS-shaped batch of 32 (uint8 images, labels, an all-true mask)."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_flax import config as config_lib
+from resnet_flax import models, runtime, train
+
+
+def gemm_resnet50_state_and_batch(batch_size: int = 32):
+    config = config_lib.default_config()
+    config.conv_impl = "gemm"
+    model = models.model_from_config(config)
+    state = train.create_train_state(config, model, 34, runtime.make_mesh())
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.integers(0, 256, (batch_size, 64, 64, 3), dtype=np.uint8)),
+             "label": jnp.asarray(rng.integers(0, 6, batch_size).astype(np.int32)),
+             "mask": jnp.ones((batch_size,), bool)}
+    return model, state, batch
