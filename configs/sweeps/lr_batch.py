@@ -14,6 +14,9 @@ def get_config():
     config = load_config_file(Path(__file__).parents[1] / "signs_best.py")
     config.num_epochs = 6
     config.checkpoint_every_epochs = 4
+    # The recipe as it was when experiments/sweeps/lr_batch/ was run; signs_best.py has since
+    # dropped label smoothing (configs/sweeps/label_smoothing.py).
+    config.label_smoothing = 0.1
     return config
 
 
