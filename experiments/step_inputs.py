@@ -1,5 +1,8 @@
 """What the step benchmarks share: the assignment's ResNet-50 ('gemm' conv) with a fresh train
-state, and one random SIGNS-shaped batch of 32 (uint8 images, labels, an all-true mask)."""
+state, one random SIGNS-shaped batch of 32 (uint8 images, labels, an all-true mask), and a timer."""
+
+import time
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,3 +21,14 @@ def gemm_resnet50_state_and_batch(batch_size: int = 32):
              "label": jnp.asarray(rng.integers(0, 6, batch_size).astype(np.int32)),
              "mask": jnp.ones((batch_size,), bool)}
     return model, state, batch
+
+
+def best_and_median(call: Callable[[], object], reps: int) -> tuple[float, float]:
+    """Seconds of ``reps`` calls of ``call()``, which must wait until its work is done."""
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[0], times[len(times) // 2]

@@ -15,9 +15,9 @@ For each: steady-state training and evaluation images/s (timed after warm-up), t
 time (``jit(...).lower(...).compile()`` wall time), the time from process start to the end of the
 first training step, and the peak RSS (``ru_maxrss`` of that subprocess). For JAX, a second short
 process then starts again with the persistent compilation cache the first one filled (as a second
-``resnet_flax.main`` run finds it) and measures its compile time and time to the first step. The run also measures
-the machine's float32 matmul rate (2048^3 ``jnp.dot``) and takes a training step's FLOPs from
-XLA's cost analysis, to say how far each configuration is from the matmul floor.
+``resnet_flax.main`` run finds it) and measures its compile time and time to the first step. The
+run also measures the machine's float32 matmul rate (2048^3 ``jnp.dot``) and takes a training
+step's FLOPs from XLA's cost analysis, to say how far each configuration is from the matmul floor.
 
 Writes ``experiments/throughput.md`` and ``experiments/throughput.json``.
 

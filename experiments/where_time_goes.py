@@ -57,7 +57,7 @@ def step_worker(variant: str, reps: int) -> dict:
 
         nn.BatchNorm = ScaleShift  # models.py looks it up at call time
     from resnet_flax import input_pipeline
-    from step_inputs import gemm_resnet50_state_and_batch
+    from step_inputs import best_and_median, gemm_resnet50_state_and_batch
 
     _, state, batch = gemm_resnet50_state_and_batch()
 
@@ -81,14 +81,14 @@ def step_worker(variant: str, reps: int) -> dict:
 
     compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
     state, _ = compiled(state, batch)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+
+    def one_step():
+        nonlocal state
         state, out = compiled(state, batch)
         jax.block_until_ready((state, out))
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return {"best": times[0], "median": times[len(times) // 2]}
+
+    best, median = best_and_median(one_step, reps)
+    return {"best": best, "median": median}
 
 
 def warm_worker(cache_dir: str) -> dict:

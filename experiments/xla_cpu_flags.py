@@ -33,10 +33,9 @@ FLAG_SETS = [
 
 def worker(reps: int) -> dict:
     import jax
-    import jax.numpy as jnp
 
-    from resnet_flax import train
-    from step_inputs import gemm_resnet50_state_and_batch
+    from resnet_flax import input_pipeline, train
+    from step_inputs import best_and_median, gemm_resnet50_state_and_batch
 
     model, state, batch = gemm_resnet50_state_and_batch()
     key = jax.random.key(0)
@@ -46,26 +45,21 @@ def worker(reps: int) -> dict:
     compile_s = time.perf_counter() - start
     state, sums = step(state, batch, key)
     loss = float(sums["loss_sum"] / sums["count"])
-    step_times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        state, sums = step(state, batch, key)
+
+    def one_step():
+        nonlocal state
+        state, _ = step(state, batch, key)
         jax.block_until_ready(state)
-        step_times.append(time.perf_counter() - start)
+
+    step_best, step_median = best_and_median(one_step, reps)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
-    images = batch["image"].astype(jnp.float32) / 255.0
+    images = input_pipeline.normalize(batch["image"])
     jax.block_until_ready(forward(variables, images))
-    eval_times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(forward(variables, images))
-        eval_times.append(time.perf_counter() - start)
-    step_times.sort()
-    eval_times.sort()
-    return {"compile_s": compile_s, "first_loss": loss, "step_best": step_times[0],
-            "step_median": step_times[len(step_times) // 2], "eval_best": eval_times[0],
-            "eval_median": eval_times[len(eval_times) // 2]}
+    eval_best, eval_median = best_and_median(
+        lambda: jax.block_until_ready(forward(variables, images)), reps)
+    return {"compile_s": compile_s, "first_loss": loss, "step_best": step_best,
+            "step_median": step_median, "eval_best": eval_best, "eval_median": eval_median}
 
 
 def main() -> int:
