@@ -1,0 +1,22 @@
+#!/bin/bash
+# Second GPU check (session 3): the two test fixes of the first check, and throughput at the
+# project's default precision 'highest' for each conv implementation (what 'auto' should pick).
+# Same setup as run_on_gpu.sh: .gpu/whl/ wheels, .gpu/signs/ data copy, $OUT for results.
+cd "$(dirname "$0")/../.."
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+mkdir -p ../shared/data && ln -sfn $PWD/.gpu/signs ../shared/data/signs
+python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" 2>&1 | tee -a $OUT/gpu.txt
+T0=$(date +%s)
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_conv.py tests/test_models.py tests/test_train.py -rs > $OUT/tests.txt 2>&1
+echo "tests rc $? $(( $(date +%s)-T0 )) s" | tee -a $OUT/tests.txt; tail -6 $OUT/tests.txt
+T0=$(date +%s)
+XLA_FLAGS=--xla_gpu_deterministic_ops=true timeout 80 python3 -m pytest -q -p no:cacheprovider \
+  tests/test_train.py -k identical_metrics -rs > $OUT/tests_deterministic.txt 2>&1
+echo "deterministic-ops test rc $? $(( $(date +%s)-T0 )) s" | tee -a $OUT/tests_deterministic.txt; tail -3 $OUT/tests_deterministic.txt
+for impl in gemm xla; do
+T0=$(date +%s)
+timeout 120 python3 experiments/throughput.py --only=jax-$impl --steps=40 --precision=highest --out=$OUT/throughput_highest_$impl > $OUT/throughput_stdout_$impl.txt 2>&1
+echo "throughput $impl rc $? $(( $(date +%s)-T0 )) s"; grep -E "^\| jax" $OUT/throughput_highest_$impl.md
+done
