@@ -91,31 +91,29 @@ def worker_machine(args) -> dict:
 
 def worker_jax(args) -> dict:
     """This project's ResNet-50 training and evaluation, called as ``train.train_and_evaluate`` calls
-    them: each chunk's batches gathered on the host (``runtime.gather_batches``) and run by the
-    compiled ``train.make_train_chunk``; evaluation by ``train.make_evaluate``."""
+    them: ``train.start_training`` (the train state, and the training chunk compiled beside it
+    through the run's exported-program cache), each chunk's batches gathered on the host
+    (``runtime.gather_batches``); evaluation by ``train.make_evaluate``."""
     t0 = args.t0
 
     import jax
     import jax.numpy as jnp
     import numpy as np
     from resnet_flax import config as config_lib
-    from resnet_flax import input_pipeline, models, runtime, train
+    from resnet_flax import input_pipeline, models, program_cache, runtime, train
 
-    if args.cache_dir:
-        runtime.enable_compilation_cache(args.cache_dir)
+    compilation_cache = runtime.enable_compilation_cache(args.cache_dir) if args.cache_dir else None
     config = config_lib.default_config()
     config.conv_impl = args.impl
     config.matmul_precision = args.precision
     config.batch_size = BATCH
     model = models.model_from_config(config)
     chunk = train.largest_divisor_at_most(STEPS_PER_EPOCH, config.steps_per_chunk)
-    make_chunk = train.make_train_chunk(config)
     evaluate = train.make_evaluate(model.apply, NUM_CLASSES)
     mesh = runtime.make_mesh()
     rng_np = np.random.default_rng(0)
     images = rng_np.integers(0, 256, (NUM_TRAIN, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     labels = rng_np.integers(0, NUM_CLASSES, NUM_TRAIN).astype(np.int32)
-    state = train.create_train_state(config, model, STEPS_PER_EPOCH, mesh)
     rng = jax.random.key(config.seed)
     data_path = "each chunk's batches gathered on the host (runtime.gather_batches)"
 
@@ -128,14 +126,14 @@ def worker_jax(args) -> dict:
                    if mask[b:b + chunk].all()]
 
     def run_chunk(state, i):
-        return make_chunk_compiled(state, *batch_args(*full_chunks[i % len(full_chunks)]))
+        return train_chunk(state, *batch_args(*full_chunks[i % len(full_chunks)]))
 
     # Cold compile of the training chunk: this process has compiled nothing of this model before,
     # and the driver gives the first process an empty compilation cache (it strips
-    # JAX_COMPILATION_CACHE_*); a --first-step-only process then starts again on the filled cache.
-    start = time.perf_counter()
-    make_chunk_compiled = make_chunk.lower(state, *batch_args(*full_chunks[0])).compile()
-    compile_s = time.perf_counter() - start
+    # JAX_COMPILATION_CACHE_*); a --first-step-only process then starts again on the filled cache
+    # (XLA's executables and the exported programs beside them), as a second run would.
+    state, train_chunk, compile_s = train.start_training(
+        config, model, STEPS_PER_EPOCH, chunk, mesh, program_cache.for_config(config, compilation_cache))
 
     start = time.perf_counter()
     state, sums = run_chunk(state, 0)
@@ -548,13 +546,14 @@ def render(payload: dict, rendered_by: str | None = None) -> tuple[str, str, dic
         f"in a minute where steps are very slow (column 'steps timed'); JAX runs chunks of "
         f"{(source or {}).get('steps_per_chunk', 2)} scanned steps, as the real run does. Eval b32: "
         f"128 images in 4 batches per call; b40: SIGNS's 120 test images in 3.",
-        "- compile s: cold `jit(...).lower(...).compile()` of the training chunk (JAX); Keras: its "
+        "- compile s: cold trace, export and compilation of the training chunk, in the thread "
+        "`train.start_training` runs beside the state's initialisation (JAX); Keras: its "
         "first `train_on_batch` (trace + compile + one step) less one steady step. First step from "
         "start: process launch (interpreter, imports, data, init, compile) to the end of the first "
         "training step. Peak RSS: `ru_maxrss` of the config's own subprocess.",
         "- same, warm cache: JAX only; a second process of the same config, started after the first "
-        "had filled a fresh persistent compilation cache (as a second `resnet_flax.main` run finds its "
-        "cache), to the end of its first training step"
+        "had filled a fresh cache (XLA's executables and the exported programs: a second "
+        "`resnet_flax.main` run finds both), to the end of its first training step"
         + "".join(f"; {r['config']}: compile {r['warm']['compile_seconds']:.1f} s"
                   for r in jax_ok if "compile_seconds" in r.get("warm", {})) + ".",
     ]

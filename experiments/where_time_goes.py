@@ -101,27 +101,23 @@ def warm_worker(cache_dir: str) -> dict:
     import numpy as np
 
     from resnet_flax import config as config_lib
-    from resnet_flax import input_pipeline, models, runtime, train
+    from resnet_flax import input_pipeline, models, program_cache, runtime, train
     mark("imports")
-    runtime.enable_compilation_cache(cache_dir)
     config = config_lib.default_config()
     config.conv_impl = "gemm"
+    config.compilation_cache_dir = cache_dir
+    programs = program_cache.for_config(config, runtime.enable_compilation_cache(cache_dir))
     model = models.model_from_config(config)
-    make_chunk = train.make_train_chunk(config)
     mesh = runtime.make_mesh()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (1080, 64, 64, 3), dtype=np.uint8)
     labels = rng.integers(0, 6, 1080).astype(np.int32)
-    state = train.create_train_state(config, model, 34, mesh)
+    state, train_chunk, _ = train.start_training(config, model, 34, 2, mesh, programs)
     jax.block_until_ready(state)
-    mark("create train state (trace init, cached compile, run)")
+    mark("train state and training chunk (saved programs, cached compiles, two threads)")
     indices, mask = input_pipeline.batch_indices(input_pipeline.epoch_order(0, 1, 1080), 32)
     batches = runtime.gather_batches(images, labels, indices[:2], mask[:2], mesh)
-    lowered = make_chunk.lower(state, batches)
-    mark("trace + lower the training chunk")
-    compiled = lowered.compile()
-    mark("compile (persistent cache hit)")
-    state, _ = compiled(state, batches)
+    state, _ = train_chunk(state, batches)
     jax.block_until_ready(state)
     mark("first chunk (2 steps)")
     return marks

@@ -8,6 +8,7 @@ and waits only for the previous chunk's sums. The last, partial batch is padded 
 epoch and evaluation counts each test example exactly once.
 """
 
+import concurrent.futures
 import functools
 import math
 import time
@@ -24,7 +25,8 @@ from flax.training import train_state
 from jax import lax
 
 from resnet_flax import config as config_lib
-from resnet_flax import checkpoints, conv, input_pipeline, metrics, models, recalibration, runtime
+from resnet_flax import (checkpoints, conv, input_pipeline, metrics, models, program_cache, recalibration,
+                         runtime)
 from resnet_flax.errors import UserError
 
 
@@ -56,22 +58,46 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> o
     return optax.adam(learning_rate, **adam)
 
 
-def create_train_state(config, model, steps_per_epoch: int, mesh=None) -> TrainState:
-    """Fresh parameters from ``config.seed``, replicated over ``mesh`` (default: all devices).
-
-    Built inside ``jit`` with replicated outputs, so every process of a multi-host run holds the
-    same global arrays without copying them around.
-    """
-    dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+def _initializer(config, model, steps_per_epoch: int, mesh, programs):
+    """The exported ``model.init`` (variables, replicated) and ``variables -> TrainState``."""
     tx = make_optimizer(config, steps_per_epoch)
 
-    def init() -> TrainState:
-        variables = model.init(jax.random.key(config.seed), dummy, train=False)
+    def init_variables():
+        dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+        return model.init(jax.random.key(config.seed), dummy, train=False)
+
+    def create(variables) -> TrainState:
         return TrainState.create(apply_fn=model.apply, params=variables["params"],
                                  batch_stats=variables["batch_stats"], tx=tx)
 
+    return programs.exported("init_variables", init_variables, out_shardings=runtime.replicated(mesh)), create
+
+
+def create_train_state(config, model, steps_per_epoch: int, mesh=None,
+                       programs: program_cache.ProgramCache | None = None) -> TrainState:
+    """Fresh parameters from ``config.seed``, replicated over ``mesh`` (default: all devices).
+
+    Built inside ``jit`` with replicated outputs, so every process of a multi-host run holds the
+    same global arrays without copying them around. ``model.init`` goes through ``programs``
+    (which must belong to this config and model; default: no cache), so a warm start does not
+    trace it again.
+    """
     mesh = runtime.make_mesh() if mesh is None else mesh
-    return jax.jit(init, out_shardings=runtime.replicated(mesh))()
+    programs = programs or program_cache.for_config(config, None)
+    init, create = _initializer(config, model, steps_per_epoch, mesh, programs)
+    replicated = runtime.replicated(mesh)
+    variables = jax.jit(init.call, out_shardings=replicated)()
+    return jax.jit(create, out_shardings=replicated)(variables)
+
+
+def abstract_train_state(config, model, steps_per_epoch: int, mesh, programs) -> TrainState:
+    """What ``create_train_state`` returns, as shapes: without running ``model.init``."""
+    init, create = _initializer(config, model, steps_per_epoch, mesh, programs)
+    replicated = runtime.replicated(mesh)
+    variables = jax.tree.unflatten(
+        init.out_tree, [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated) for a in init.out_avals])
+    shapes = jax.eval_shape(create, variables)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,6 +169,28 @@ def make_train_chunk(config):
         return _scan_batches(lambda s, b: step(s, b, rng), state, batches)
 
     return jax.jit(train_chunk, donate_argnums=0)
+
+
+def compile_train_chunk(config, state: TrainState, batches, steps_per_epoch: int,
+                        programs: program_cache.ProgramCache | None = None):
+    """``make_train_chunk(config)`` compiled for ``state`` and ``batches`` (arrays or
+    ``ShapeDtypeStruct``s) through ``programs``: the same ``(state, batches) -> (state, sums)``."""
+    programs = programs or program_cache.for_config(config, None)
+    treedef = jax.tree.structure(state)
+    chunk = make_train_chunk(config)
+
+    def flat_chunk(leaves, batches):  # exported programs take plain lists, not a TrainState
+        new_state, sums = chunk(jax.tree.unflatten(treedef, leaves), batches)
+        return jax.tree.leaves(new_state), sums
+
+    compiled = programs.compile("train_chunk", flat_chunk, abstract(jax.tree.leaves(state)), batches,
+                                extra={"steps_per_epoch": steps_per_epoch}, donate_argnums=(0,))
+
+    def train_chunk(state, batches):
+        leaves, sums = compiled(jax.tree.leaves(state), batches)
+        return jax.tree.unflatten(treedef, leaves), sums
+
+    return train_chunk
 
 
 def make_evaluate(apply_fn, num_classes: int):
@@ -270,6 +318,28 @@ def recalibrate_batch_stats(model, variables, split: input_pipeline.Split, confi
     return recalibration.make_recalibrate(model.apply)(variables, batches)
 
 
+def _timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    return fn(*args, **kwargs), time.perf_counter() - start
+
+
+def start_training(config, model, steps_per_epoch: int, chunk: int, mesh, programs):
+    """A fresh train state and the training chunk compiled for ``chunk`` steps; returns both and
+    the seconds the compilation took.
+
+    The chunk compiles in a second thread while the state is initialised: both are mostly XLA's
+    work, which runs without the GIL (about 1 s sooner to the first step on a warm start).
+    """
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        compiling = pool.submit(_timed, compile_train_chunk, config,
+                                abstract_train_state(config, model, steps_per_epoch, mesh, programs),
+                                abstract_batches(chunk, config.batch_size, config.image_size, mesh),
+                                steps_per_epoch, programs)
+        state = create_train_state(config, model, steps_per_epoch, mesh, programs)
+        train_chunk, compile_seconds = compiling.result()
+    return state, train_chunk, compile_seconds
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, mesh=None) -> dict[str, Any]:
     """Trains ``config.model`` on SIGNS, evaluating after every epoch; returns the summary.
 
@@ -279,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, m
     """
     workdir = Path(workdir)
     is_main_process = jax.process_index() == 0
-    runtime.enable_compilation_cache(config.compilation_cache_dir)
+    programs = program_cache.for_config(config, runtime.enable_compilation_cache(config.compilation_cache_dir))
     dataset = input_pipeline.load_dataset(config)
     config_lib.validate(config, len(dataset.train))
     mesh = runtime.make_mesh() if mesh is None else mesh
@@ -290,7 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, m
     steps_per_epoch = -(-num_train // config.batch_size)
     chunk = largest_divisor_at_most(steps_per_epoch, config.steps_per_chunk)
 
-    state = create_train_state(config, model, steps_per_epoch, mesh)
+    state, train_chunk, compile_seconds = start_training(config, model, steps_per_epoch, chunk, mesh, programs)
     checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     state, last_epoch = restore_or_keep(state, config, checkpointer)
     test_batches = runtime.gather_batches(
@@ -305,12 +375,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, m
               f"model: {config.model} ({conv.resolve_impl(config.conv_impl)} conv), {mesh.size} "
               f"{jax.default_backend()} device(s), {steps_per_epoch} steps of {config.batch_size} per epoch")
 
-    # Both programs compiled up front, for the shapes every call has: one compilation each.
-    start = time.perf_counter()
-    train_chunk = make_train_chunk(config).lower(
-        state, abstract_batches(chunk, config.batch_size, config.image_size, mesh)).compile()
-    evaluate = make_evaluate(model.apply, config.num_classes).lower(split_state(state)[0], test_batches).compile()
-    compile_seconds = time.perf_counter() - start
+    # Compiled once, for the shapes of the test set, when first needed (after the first epoch).
+    @functools.cache
+    def evaluate_program():
+        nonlocal compile_seconds
+        program, seconds = _timed(programs.compile, "evaluate", make_evaluate(model.apply, config.num_classes),
+                                  abstract(split_state(state)[0]), abstract(test_batches))
+        compile_seconds += seconds
+        return program
+
+    def evaluate(variables, batches):
+        return evaluate_program()(variables, batches)
 
     def test_metrics():
         return summarize(evaluate(split_state(state)[0], test_batches))
