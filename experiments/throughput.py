@@ -321,7 +321,10 @@ def machine_info() -> dict:
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(),
             "memory_gib": mem / 2**30 if mem else None, "python": platform.python_version(),
             "platform": platform.platform(), "versions": versions,
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            # The memory allocator every config ran with (inherited by the subprocesses).
+            "allocator": " ".join(f"{k}={os.environ[k]}" for k in ("LD_PRELOAD", "MALLOC_CONF")
+                                  if os.environ.get(k)) or "the C library's malloc"}
 
 
 def run_worker(name: str, argv: list[str], env_extra: dict | None = None, timeout: float = 1500) -> dict:
@@ -577,6 +580,7 @@ def render(payload: dict, rendered_by: str | None = None) -> tuple[str, str, dic
         f"- JAX backend: {backend} ({machine.get('device_kind', '?')}, {machine.get('device_count', '?')} device(s))",
         "- " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v) + f", Python {machine['python']}",
         f"- {machine['platform']}" + (f"; XLA_FLAGS={machine['xla_flags']}" if machine["xla_flags"] else ""),
+        f"- Memory allocator (all configs): {machine.get('allocator', 'not recorded')}",
     ]
     md = "\n".join([
         "# ResNet-50 training throughput: this project vs PyTorch and Keras",

@@ -7,10 +7,12 @@ Two measurements, each in fresh processes:
   padding mask, BatchNorm itself (replaced by a per-channel scale and shift), Adam (replaced by
   plain SGD), the parameter update altogether (gradients only). What a part costs is the
   difference to the full step.
-* **Warm start phases**: a process that starts on a persistent compilation cache filled by an
-  earlier identical process, timed from interpreter start through imports, creating the train
-  state, tracing + lowering the training chunk, compiling it (a cache hit) and running the first
-  chunk (2 steps), as ``train.train_and_evaluate`` does.
+* **Warm start phases**: a process that starts on a cache filled by an earlier identical process
+  (XLA's executables and the exported programs of ``resnet_flax/program_cache.py``), timed from
+  interpreter start through imports, ``train.start_training`` (the train state from the saved
+  init program, and beside it in a second thread the training chunk from its saved program,
+  both compiled from XLA's cache) and the first chunk (2 steps), as ``train.train_and_evaluate``
+  does.
 
     python experiments/where_time_goes.py      # ~3 minutes; writes experiments/where_time_goes.md
 """
@@ -166,7 +168,7 @@ def main() -> int:
     for variant, what in VARIANTS.items():
         r = steps[variant]
         lines.append(f"| {variant} | {what} | {r['best']:.3f} / {r['median']:.3f} | {r['best'] - full:+.3f} s |")
-    lines += ["", "Warm start (a second process on the compilation cache the first one filled), from the "
+    lines += ["", "Warm start (a second process on the caches the first one filled), from the "
               "script's first line:", "",
               "| phase | ends at s | takes s |", "|---|---|---|"]
     previous = 0.0
