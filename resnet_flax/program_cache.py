@@ -20,6 +20,7 @@ import importlib.metadata
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -109,12 +110,13 @@ class ProgramCache:
                        donate_argnums=donate_argnums).lower(*args).compile()
 
     def _write(self, path: Path, data: bytes) -> None:
-        # Written whole then renamed: a killed run or a second process never leaves half a file.
+        # Written whole under a unique name, then renamed: a killed run or another process (of
+        # a multi-host run on a shared disk, say) never leaves half a file.
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            temporary.write_bytes(data)
-            os.replace(temporary, path)
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as file:
+                file.write(data)
+            os.replace(file.name, path)
         except OSError as error:  # a read-only or full disk costs the next run its head start only
             print(f"warning: cannot save the program {path} ({error})", file=sys.stderr)
 

@@ -328,7 +328,7 @@ def start_training(config, model, steps_per_epoch: int, chunk: int, mesh, progra
     the seconds the compilation took.
 
     The chunk compiles in a second thread while the state is initialised: both are mostly XLA's
-    work, which runs without the GIL (about 1 s sooner to the first step on a warm start).
+    work, which runs without the GIL (about 0.6 s sooner to the first step on a warm start).
     """
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         compiling = pool.submit(_timed, compile_train_chunk, config,
