@@ -55,7 +55,8 @@ def default_config() -> ml_collections.ConfigDict:
     # training batches (resnet_flax/recalibration.py); both results are reported.
     config.bn_recalibration_batches = 0
 
-    # JAX's persistent compilation cache: '' = ~/.cache/resnet_flax/jax_compilation_cache, 'off'.
+    # JAX's persistent compilation cache, with the saved traced programs of program_cache.py in
+    # its exported_programs/ folder: '' = ~/.cache/resnet_flax/jax_compilation_cache, 'off'.
     config.compilation_cache_dir = ""
 
     return config
