@@ -80,6 +80,10 @@ def damage(checkpoint_dir, how):
             path.unlink()
 
 
+# When orbax fails on the damaged checkpoint it abandons its pending read coroutines, which
+# Python reports later as "never awaited" / "Event loop is closed", depending on test order and
+# timing (already before resnet_flax/program_cache.py); the fallback itself is what is checked.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("how", ["truncate", "delete", "metadata"])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(smoke_run, smoke_copy, how, capsys):
     reference_variables, reference_optimizer = checkpoint_trees(smoke_run[0])
