@@ -6,6 +6,7 @@ of those products alone, at its real shape for a batch of 32 (64x64 images), as 
 backend runs them (``jnp.dot`` / ``lax.dot_general``, precision 'highest', best of ``--reps``),
 and adds them up per ResNet-50 step. The sum is a floor for the training step and the forward
 sum one for evaluation: everything else (im2col, BatchNorm, ReLU, pooling, Adam) comes on top.
+The last column times each kernel gradient from an input stored transposed.
 
     python experiments/matmul_floor.py     # ~1 minute; writes experiments/matmul_floor.md
 """
@@ -51,6 +52,8 @@ def resnet50_products(batch: int = BATCH) -> list[tuple[str, int, int, int, int,
 forward = jax.jit(lambda x, w: jnp.dot(x, w, precision=HIGHEST))
 input_grad = jax.jit(lambda g, w: lax.dot_general(g, w, (((1,), (1,)), ((), ())), precision=HIGHEST))
 kernel_grad = jax.jit(lambda x, g: lax.dot_general(x, g, (((0,), (0,)), ((), ())), precision=HIGHEST))
+# The same kernel gradient from an input already stored transposed, (K, M): an ordinary product.
+kernel_grad_from_transposed = jax.jit(lambda xt, g: jnp.dot(xt, g, precision=HIGHEST))
 
 
 def best_seconds(fn, *args, reps: int) -> float:
@@ -72,17 +75,22 @@ def main() -> int:
     rng = np.random.default_rng(0)
     rows, totals, flops = [], {"forward": 0.0, "input grad": 0.0, "kernel grad": 0.0}, dict.fromkeys(
         ("forward", "input grad", "kernel grad"), 0.0)
+    transposed_total = 0.0
     for name, m, k, n, count, needs_input_grad in resnet50_products():
         x, w, g = (jnp.asarray(rng.standard_normal(shape, np.float32)) for shape in ((m, k), (k, n), (m, n)))
         seconds = {"forward": best_seconds(forward, x, w, reps=args.reps),
                    "input grad": best_seconds(input_grad, g, w, reps=args.reps) if needs_input_grad else 0.0,
                    "kernel grad": best_seconds(kernel_grad, x, g, reps=args.reps)}
+        transposed = best_seconds(kernel_grad_from_transposed, jnp.asarray(np.asarray(x).T.copy()), g,
+                                  reps=args.reps)
+        transposed_total += count * transposed
         product_flops = 2 * m * k * n
         cells = []
         for part, s in seconds.items():
             totals[part] += count * s
             flops[part] += count * product_flops * (s > 0)
             cells.append(f"{s * 1e3:.2f} ({product_flops / s / 1e9:.0f})" if s else "-")
+        cells.append(f"{transposed * 1e3:.2f} ({product_flops / transposed / 1e9:.0f})")
         rows.append(f"| {name} | {m} | {k} | {n} | {count} | " + " | ".join(cells) + " |")
         print(rows[-1], file=sys.stderr, flush=True)
 
@@ -94,7 +102,8 @@ def main() -> int:
         f"average after {' '.join(Path('/proc/loadavg').read_text().split()[:3])}. Each product of "
         f"the 'gemm' convolutions alone, batch {BATCH}, float32 'highest', best of {args.reps}: "
         "ms (GFLOP/s).", "",
-        "| layer | M | K | N | layers | forward | input grad | kernel grad |", "|---|---|---|---|---|---|---|---|",
+        "| layer | M | K | N | layers | forward | input grad | kernel grad | kernel grad, input stored (K, M) |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows, "",
         "| part | ms per step | GFLOP | GFLOP/s |", "|---|---|---|---|",
         *(f"| {part} | {totals[part] * 1e3:.1f} | {flops[part] / 1e9:.2f} | {flops[part] / totals[part] / 1e9:.0f} |"
@@ -104,7 +113,12 @@ def main() -> int:
         f"With nothing but these products a training step would take {step * 1e3:.0f} ms "
         f"({BATCH / step:.0f} img/s) and an evaluation batch {totals['forward'] * 1e3:.0f} ms "
         f"({BATCH / totals['forward']:.0f} img/s). Compare the measured step in "
-        "[throughput.md](throughput.md).",
+        "[throughput.md](throughput.md).", "",
+        f"The kernel gradients contract over the M pixels of both operands. From an input already "
+        f"stored transposed, (K, M), the same products take {transposed_total * 1e3:.1f} ms instead of "
+        f"{totals['kernel grad'] * 1e3:.1f} ms (last column); XLA folds a transpose into the product's "
+        "dimension numbers, so that layout would have to come out of the fusions that produce the "
+        "input (im2col, BatchNorm + ReLU), at the cost of writing it twice.",
     ]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
