@@ -6,6 +6,10 @@ gathers the next chunk's batches (each process only the slice its devices hold; 
 and waits only for the previous chunk's sums. The last, partial batch is padded and masked
 (BatchNorm statistics and the loss ignore the padding), so every training example is used each
 epoch and evaluation counts each test example exactly once.
+
+Start-up (``start_training``) builds the train state and compiles the training chunk side by
+side, from the programs an earlier run of the same config saved when there are any
+(``resnet_flax/program_cache.py``); evaluation compiles when it is first needed.
 """
 
 import concurrent.futures
