@@ -16,13 +16,14 @@ import argparse
 import datetime
 import os
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from step_inputs import best_and_median
 
 HERE = Path(__file__).resolve().parent
 BATCH = 32
@@ -60,13 +61,8 @@ kernel_grad_via_copy = jax.jit(lambda x, g: jnp.dot(lax.optimization_barrier(x.T
 
 
 def best_seconds(fn, *args, reps: int) -> float:
-    fn(*args).block_until_ready()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn(*args).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    fn(*args).block_until_ready()  # compile and warm up
+    return best_and_median(lambda: fn(*args).block_until_ready(), reps)[0]
 
 
 def main() -> int:

@@ -107,7 +107,6 @@ def warm_worker(cache_dir: str) -> dict:
     mark("imports")
     config = config_lib.default_config()
     config.conv_impl = "gemm"
-    config.compilation_cache_dir = cache_dir
     programs = program_cache.for_config(config, runtime.enable_compilation_cache(cache_dir))
     model = models.model_from_config(config)
     mesh = runtime.make_mesh()

@@ -2,10 +2,7 @@
 # Third GPU check (session 3): which XLA flags make two identical training runs on the GPU agree
 # (tests/test_train.py::test_same_config_and_seed_give_identical_metrics), and the gemm
 # convolution's throughput at precision 'highest' with a longer limit than recheck_on_gpu.sh gave it.
-cd "$(dirname "$0")/../.."
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-mkdir -p ../shared/data && ln -sfn $PWD/.gpu/signs ../shared/data/signs
+source "$(dirname "$0")/setup.sh"
 for flags in "--xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0" \
              "--xla_gpu_exclude_nondeterministic_ops=true --xla_gpu_autotune_level=0" \
              "--xla_gpu_autotune_level=0"; do

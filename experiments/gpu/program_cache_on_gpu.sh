@@ -1,12 +1,9 @@
 #!/bin/bash
 # Fourth GPU check (session 3): the exported-program cache (resnet_flax/program_cache.py) and the
 # two-thread start (train.start_training) on a GPU: its tests and the smoke training runs, the
-# second of which starts from the programs the first saved. Same setup as run_on_gpu.sh, plus a
-# flatbuffers wheel in .gpu/whl (jax.export's serialization needs it).
-cd "$(dirname "$0")/../.."
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-mkdir -p ../shared/data && ln -sfn $PWD/.gpu/signs ../shared/data/signs
+# second of which starts from the programs the first saved. Set-up in setup.sh (with a
+# flatbuffers wheel in .gpu/whl: jax.export's serialization needs it).
+source "$(dirname "$0")/setup.sh"
 T0=$(date +%s)
 XLA_FLAGS='--xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0' timeout 150 python3 -m pytest -q \
   -p no:cacheprovider tests/test_program_cache.py tests/test_train.py -k "program or warm or smoke or identical" -rs \

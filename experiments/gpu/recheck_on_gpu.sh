@@ -1,12 +1,9 @@
 #!/bin/bash
 # Second GPU check (session 3): the two test fixes of the first check, and throughput at the
 # project's default precision 'highest' for each conv implementation (what 'auto' should pick).
-# Same setup as run_on_gpu.sh: .gpu/whl/ wheels, .gpu/signs/ data copy, $OUT for results.
-cd "$(dirname "$0")/../.."
+# Set-up in setup.sh (.gpu/whl/ wheels, .gpu/signs/ data copy); $OUT for results.
+source "$(dirname "$0")/setup.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-mkdir -p ../shared/data && ln -sfn $PWD/.gpu/signs ../shared/data/signs
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" 2>&1 | tee -a $OUT/gpu.txt
 T0=$(date +%s)
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_conv.py tests/test_models.py tests/test_train.py -rs > $OUT/tests.txt 2>&1

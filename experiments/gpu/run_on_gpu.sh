@@ -1,13 +1,10 @@
 #!/bin/bash
 # GPU check for issue 5: tests on the GPU, throughput at both precisions, signs_best end to end.
-# Expects, in the repository root, .gpu/whl/ (wheels of ml_collections and tensorboardX, which the
+# Expects, in the repository root, .gpu/whl/ (wheels of ml_collections, tensorboardX and flatbuffers, which the
 # GPU image lacks: `pip download --no-deps --python-version 3.12 ...`) and .gpu/signs/ (a copy of
 # ../shared/data/signs). $OUT is where the results go.
-cd "$(dirname "$0")/../.."
+source "$(dirname "$0")/setup.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-mkdir -p ../shared/data && ln -sfn $PWD/.gpu/signs ../shared/data/signs
 python3 -c "import jax, flax, optax, orbax.checkpoint as o, h5py; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a $OUT/gpu.txt
 T0=$(date +%s)
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_conv.py tests/test_models.py tests/test_train.py > $OUT/tests.txt 2>&1; echo "tests rc $? $(( $(date +%s)-T0 )) s" | tee -a $OUT/tests.txt; tail -12 $OUT/tests.txt
