@@ -1,8 +1,8 @@
 #!/bin/bash
 # GPU check for issue 5: tests on the GPU, throughput at both precisions, signs_best end to end.
-# Expects, in the repository root, .gpu/whl/ (wheels of ml_collections, tensorboardX and flatbuffers, which the
-# GPU image lacks: `pip download --no-deps --python-version 3.12 ...`) and .gpu/signs/ (a copy of
-# ../shared/data/signs). $OUT is where the results go.
+# Expects, in the repository root, .gpu/whl/ (wheels of ml_collections, tensorboardX and
+# flatbuffers, which the GPU image lacks: `pip download --no-deps --python-version 3.12 ...`) and
+# .gpu/signs/ (a copy of ../shared/data/signs). $OUT is where the results go.
 source "$(dirname "$0")/setup.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
 python3 -c "import jax, flax, optax, orbax.checkpoint as o, h5py; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a $OUT/gpu.txt
