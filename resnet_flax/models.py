@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnet_flax import pooling
 from resnet_flax.conv import PRECISIONS, Conv2D
 from resnet_flax.errors import UserError
 
@@ -164,7 +165,7 @@ class ResNet(nn.Module):
             use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="bn_conv1"
         )(x, mask=mask)
         x = nn.relu(x)
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+        x = pooling.max_pool(x, (3, 3), strides=(2, 2))
         self.sow("intermediates", "stage1", x)
 
         for index, (num_blocks, filters) in enumerate(zip(self.stage_sizes, self.stage_filters)):
