@@ -4,8 +4,8 @@ One run measures, each configuration in its own subprocess one after the other (
 memory peaks do not mix):
 
 * ``jax-xla`` and ``jax-gemm``: this project's real training path -- ``train.create_train_state``,
-  ``train.make_train_chunk`` (a ``lax.scan`` over chunks of ``steps_per_chunk`` steps: 2 for the
-  34 steps of a SIGNS epoch) on random uint8 images of SIGNS's shape (1080 x 64x64x3) placed on
+  ``train.make_train_chunk`` (a loop over chunks of up to ``steps_per_chunk`` steps: 12, 11, 11
+  for the 34 steps of a SIGNS epoch, after a first call of one step) on random uint8 images of SIGNS's shape (1080 x 64x64x3) placed on
   the device once, and ``train.make_evaluate`` for evaluation (batch 40 as the config has it, and
   batch 32). ResNet-50, batch 32, float32, ``conv_impl`` 'xla' or 'gemm'.
 * ``pytorch``: the same architecture in PyTorch on the CPU (experiments/peers/torch_resnet50.py).
@@ -108,7 +108,7 @@ def worker_jax(args) -> dict:
     config.matmul_precision = args.precision
     config.batch_size = BATCH
     model = models.model_from_config(config)
-    chunk = train.largest_divisor_at_most(STEPS_PER_EPOCH, config.steps_per_chunk)
+    capacity = min(config.steps_per_chunk, STEPS_PER_EPOCH)
     evaluate = train.make_evaluate(model.apply, NUM_CLASSES)
     mesh = runtime.make_mesh()
     rng_np = np.random.default_rng(0)
@@ -120,48 +120,57 @@ def worker_jax(args) -> dict:
     def batch_args(idx, m):
         return (runtime.gather_batches(images, labels, idx, m, mesh),)
 
+    # The chunks of an epoch as train_and_evaluate runs them: a first call of one step alone, then
+    # near-equal chunks of up to steps_per_chunk steps (34 -> 12, 11, 11).
+    split = input_pipeline.Split(images, labels, "random uint8")
     indices, mask = input_pipeline.batch_indices(
         input_pipeline.epoch_order(config.seed, 1, NUM_TRAIN), BATCH)
-    full_chunks = [(indices[b:b + chunk], mask[b:b + chunk]) for b in range(0, STEPS_PER_EPOCH, chunk)
-                   if mask[b:b + chunk].all()]
+    lengths = train.chunk_lengths(STEPS_PER_EPOCH, capacity)
+    epoch_chunks = list(zip(np.cumsum([0] + lengths[:-1]), lengths))
 
-    def run_chunk(state, i):
-        return train_chunk(state, *batch_args(*full_chunks[i % len(full_chunks)]))
+    def run_chunk(state, begin, length):
+        return train_chunk(state, *train.gather_chunk(split, indices, mask, begin, length, capacity, mesh))
 
     # Cold compile of the training chunk: this process has compiled nothing of this model before,
     # and the driver gives the first process an empty compilation cache (it strips
     # JAX_COMPILATION_CACHE_*); a --first-step-only process then starts again on the filled cache
     # (XLA's executables and the exported programs beside them), as a second run would.
     state, train_chunk, compile_s = train.start_training(
-        config, model, STEPS_PER_EPOCH, chunk, mesh, program_cache.for_config(config, compilation_cache))
+        config, model, STEPS_PER_EPOCH, capacity, mesh, program_cache.for_config(config, compilation_cache))
 
     start = time.perf_counter()
-    state, sums = run_chunk(state, 0)
+    state, sums = run_chunk(state, 0, 1)
     jax.block_until_ready((state, sums))
     first_chunk_s = time.perf_counter() - start
     time_to_first_step = time.time() - t0
     if args.first_step_only:
         return {"config": f"jax {args.impl} (warm cache)", "compile_seconds": compile_s,
                 "time_to_first_step_seconds": time_to_first_step, "peak_rss_bytes": _peak_rss()}
-    # Warm-up: more chunks unless the first was already slow (XLA's CPU convolutions can take
-    # tens of seconds a step; their later steps are no faster).
+    # Where a step is so slow (XLA's CPU convolutions: tens of seconds) that whole chunks would
+    # not fit the budget, the same program runs one step per call.
+    mean_length = STEPS_PER_EPOCH / len(epoch_chunks)
+    if first_chunk_s * mean_length > args.budget_s / 3:
+        epoch_chunks, mean_length = [(b, 1) for b in range(STEPS_PER_EPOCH)], 1
+    # Warm-up: more chunks unless the first was already slow (their later steps are no faster).
     warmup_start, last_chunk_s = time.perf_counter(), first_chunk_s
     for i in range(1, args.warmup_chunks):
         if first_chunk_s + time.perf_counter() - warmup_start > args.budget_s / 3:
             break
         start = time.perf_counter()
-        state, sums = run_chunk(state, i)
+        state, sums = run_chunk(state, *epoch_chunks[i % len(epoch_chunks)])
         jax.block_until_ready((state, sums))
         last_chunk_s = time.perf_counter() - start
 
     # Steady state as the real loop runs it: the next chunk is dispatched before the host waits for
     # the previous chunk's sums. chunk_ready[i]: when chunk i's sums were on the host.
     # As many chunks as --steps asks, fewer if they would take more than --budget-s.
-    num_chunks = max(1, min(-(-args.steps // chunk), int(args.budget_s / last_chunk_s)))
+    num_chunks = max(1, min(round(args.steps / mean_length), int(args.budget_s / last_chunk_s)))
     start = time.perf_counter()
-    chunk_ready, pending = [], None
+    chunk_ready, pending, steps = [], None, 0
     for i in range(num_chunks):
-        state, sums = run_chunk(state, args.warmup_chunks + i)
+        begin, length = epoch_chunks[(args.warmup_chunks + i) % len(epoch_chunks)]
+        state, sums = run_chunk(state, begin, length)
+        steps += length
         if pending is not None:
             jax.device_get(pending)
             chunk_ready.append(time.perf_counter() - start)
@@ -171,7 +180,6 @@ def worker_jax(args) -> dict:
     train_s = time.perf_counter() - start
     chunk_ready.append(train_s)
     chunk_times = [b - a for a, b in zip([0.0] + chunk_ready[:-1], chunk_ready)]
-    steps = len(chunk_times) * chunk
     loss = float(last["loss_sum"] / last["count"])
 
     # Evaluation: SIGNS's 120 test images in batches of 40 (the config's eval_batch_size), and 128
@@ -218,7 +226,8 @@ def worker_jax(args) -> dict:
         "precision": args.precision,
         "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
         "batch_size": BATCH,
-        "steps_per_chunk": chunk,
+        "steps_per_chunk": capacity,
+        "chunk_lengths": sorted({length for _, length in epoch_chunks}, reverse=True),
         "data_path": data_path,
         "train_steps": steps,
         "train_seconds": train_s,
@@ -546,8 +555,9 @@ def render(payload: dict, rendered_by: str | None = None) -> tuple[str, str, dic
         f"config); 'of GEMM rate' divides it by the matmul floor above.",
         f"- s / SIGNS epoch = {STEPS_PER_EPOCH} steps x 32 / train img/s (1080 images, the last batch "
         f"padded). Train img/s is steady state after warm-up: {steps} timed steps, or as many as fit "
-        f"in a minute where steps are very slow (column 'steps timed'); JAX runs chunks of "
-        f"{(source or {}).get('steps_per_chunk', 2)} scanned steps, as the real run does. Eval b32: "
+        f"in a minute where steps are very slow (column 'steps timed'); JAX runs an epoch's chunks as "
+        f"the real run does, up to {(source or {}).get('steps_per_chunk', 2)} steps per compiled call "
+        f"(one step per call where steps are very slow). Eval b32: "
         f"128 images in 4 batches per call; b40: SIGNS's 120 test images in 3.",
         "- compile s: cold trace, export and compilation of the training chunk, in the thread "
         "`train.start_training` runs beside the state's initialisation (JAX); Keras: its "
@@ -563,7 +573,7 @@ def render(payload: dict, rendered_by: str | None = None) -> tuple[str, str, dic
     for r in jax_ok:
         scanned = BATCH / r["train_images_per_second"]
         notes.append(
-            f"- jax {r['conv_impl']}: {scanned:.2f} s per step in the scanned chunk vs "
+            f"- jax {r['conv_impl']}: {scanned:.2f} s per step in the chunks vs "
             f"{r['single_step_seconds']:.2f} s for the same step jitted alone (no scan, "
             f"{r['single_step_reps']} timed); eval compile {r['eval']['32']['compile_seconds']:.1f} s "
             f"(b32); single-step compile {r['single_step_compile_seconds']:.1f} s; data: {r['data_path']}.")

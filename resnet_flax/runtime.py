@@ -73,6 +73,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def replicated_scalar(value: np.generic, mesh: Mesh) -> jax.Array:
+    """``value`` (a NumPy scalar, the same in every process) on every device of ``mesh``."""
+    return jax.make_array_from_callback((), replicated(mesh), lambda _: np.asarray(value))
+
+
 def along_batch(mesh: Mesh) -> NamedSharding:
     """For (steps, batch, ...) arrays: the batch axis split across the mesh."""
     return NamedSharding(mesh, P(None, DATA_AXIS))

@@ -84,7 +84,7 @@ def test_a_warm_start_equals_a_traced_one_without_tracing_the_model(tmp_path, si
         state, train_chunk, _ = train.start_training(
             config, model, 10, len(indices), mesh, program_cache.for_config(config, tmp_path))
         fresh = jax.device_get(train.split_state(state))  # the chunk donates the state's buffers
-        after, sums = train_chunk(state, batches)
+        after, sums = train_chunk(state, batches, runtime.replicated_scalar(np.int32(len(indices)), mesh))
         return fresh, (jax.device_get(train.split_state(after)), sums)
 
     model = models.model_from_config(config)

@@ -150,6 +150,35 @@ def test_scanned_chunk_equals_the_per_step_loop(tiny_setup):
     np.testing.assert_allclose([float(scan_sums[k]) for k in total], list(total.values()), rtol=1e-5)
 
 
+def test_a_short_chunk_runs_only_its_steps(tiny_setup):
+    """One compiled chunk of 5 batches, told to run 2: the state and sums of those 2 steps alone
+    (the 3 batches after them hold other examples, which would change both)."""
+    config, state, images, labels = tiny_setup
+    indices, mask = input_pipeline.batch_indices(input_pipeline.epoch_order(0, 1, 36), 8)
+    mesh = runtime.make_mesh()
+    chunk = train.make_train_chunk(config)
+    whole = runtime.gather_batches(images, labels, indices, mask, mesh)
+    first_two = runtime.gather_batches(images, labels, indices[:2], mask[:2], mesh)
+    short, short_sums = chunk(jax.tree.map(jnp.copy, state), whole, np.int32(2))
+    alone, alone_sums = chunk(jax.tree.map(jnp.copy, state), first_two)
+    assert int(short.step) == int(alone.step) == 2
+    assert_states_close(alone, short, atol=1e-6, steps=2, learning_rate=config.learning_rate)
+    assert float(short_sums["count"]) == 16
+    np.testing.assert_allclose(float(short_sums["loss_sum"]), float(alone_sums["loss_sum"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("steps, limit, first, lengths", [
+    (34, 16, None, [12, 11, 11]),
+    (34, 16, 1, [1, 11, 11, 11]),
+    (34, 17, None, [17, 17]),
+    (17, 17, 1, [1, 16]),
+    (5, 1, None, [1, 1, 1, 1, 1]),
+    (1, 16, 1, [1]),
+])
+def test_chunk_lengths_cover_the_epoch_in_near_equal_calls(steps, limit, first, lengths):
+    assert train.chunk_lengths(steps, limit, first) == lengths
+
+
 def test_nan_loss_stops_training(tmp_path):
     config = smoke_config(learning_rate=1e38, num_epochs=1)  # weights overflow float32
     with pytest.raises(train.TrainingDiverged, match=r"training diverged: the loss is (nan|inf) in epoch 1"):
