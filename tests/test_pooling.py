@@ -42,8 +42,11 @@ def test_output_and_gradient_equal_flax(shape, window, strides, ties):
     weights = np.random.default_rng(2).standard_normal(theirs(x).shape).astype(np.float32)
     grad = lambda pool: jax.jit(jax.grad(lambda x: jnp.sum(pool(x, window, strides) * weights)))(x)
     ours_grad, theirs_grad = grad(pooling.max_pool), grad(flax_max_pool)
-    # Ties go to the same input pixel, and overlapping windows add up in the same order.
-    np.testing.assert_array_equal(ours_grad, theirs_grad)
+    if jax.default_backend() == "cpu":
+        # Ties go to the same input pixel, and overlapping windows add up in the same order.
+        np.testing.assert_array_equal(ours_grad, theirs_grad)
+    else:  # a GPU's select-and-scatter adds overlapping windows in its own order
+        np.testing.assert_allclose(ours_grad, theirs_grad, rtol=1e-6, atol=1e-6)
     if ties:  # the inputs really have ties: sharing a tied maximum's gradient would not pass
         shared = jax.grad(lambda x: jnp.sum(max_of_stacked_taps(x, window, strides) * weights))(x)
         assert not np.allclose(shared, theirs_grad)

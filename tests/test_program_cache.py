@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_trees_equal, smoke_config
+from conftest import assert_trees_equal, needs_deterministic_runs, smoke_config
 from resnet_flax import input_pipeline, models, program_cache, runtime, train
 
 
@@ -71,6 +71,7 @@ def test_without_a_directory_nothing_is_written(tmp_path, monkeypatch):
     assert not list(tmp_path.rglob("*.jaxexport"))
 
 
+@needs_deterministic_runs
 def test_a_warm_start_equals_a_traced_one_without_tracing_the_model(tmp_path, signs_dir, monkeypatch):
     """train.start_training twice on one cache: the second builds the same state and training
     chunk from the saved programs (model.init and train_step replaced by functions that fail)."""

@@ -1,7 +1,6 @@
 """Training end to end on the smoke config, determinism, masking, and the compiled steps."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -10,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (REPO, assert_states_close, assert_trees_equal, checkpoint_trees, smoke_config,
-                      write_signs_h5)
+from conftest import (REPO, assert_states_close, assert_trees_equal, checkpoint_trees, needs_deterministic_runs,
+                      smoke_config, write_signs_h5)
 from resnet_flax import config as config_lib
 from resnet_flax import input_pipeline, models, runtime, train
 from resnet_flax.errors import UserError
@@ -50,17 +49,7 @@ def test_smoke_run_writes_every_output(smoke_runs):
     assert abs(saved["test_accuracy"] * 120 - round(saved["test_accuracy"] * 120)) < 1e-9
 
 
-def _gpu_runs_are_deterministic() -> bool:
-    """On an H200 two runs agreed only with both flags (experiments/gpu/determinism_h200.txt)."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    return "--xla_gpu_autotune_level=0" in flags and (
-        "--xla_gpu_deterministic_ops=true" in flags or "--xla_gpu_exclude_nondeterministic_ops=true" in flags)
-
-
-@pytest.mark.skipif(
-    jax.default_backend() == "gpu" and not _gpu_runs_are_deterministic(),
-    reason="XLA's GPU kernels are not run-to-run deterministic by default; set XLA_FLAGS="
-           "'--xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0' (README, 'On a GPU')")
+@needs_deterministic_runs
 def test_same_config_and_seed_give_identical_metrics(smoke_runs):
     (dir_a, a), (dir_b, b) = smoke_runs
     timing = {"epoch_seconds", "compile_seconds", "images_per_second"}
