@@ -240,7 +240,7 @@ def chunk_lengths(steps: int, limit: int, first: int | None = None) -> list[int]
     """How an epoch of ``steps`` steps splits into compiled calls of at most ``limit`` steps:
     ``first`` steps alone if given (a quick first result), then near-equal chunks.
 
-    Longer chunks are faster: each call costs XLA:CPU about 50-80 ms beyond its steps (it maps
+    Longer chunks are faster: each call costs XLA:CPU about 85 ms beyond its steps (it maps
     and unmaps its ~0.5 GB of scratch memory per call, for ResNet-50 at batch 32).
     """
     lengths = []

@@ -1,0 +1,88 @@
+"""Seconds per training step against the number of steps per compiled call (issue 5).
+
+One training chunk of the 'gemm' ResNet-50 (batch 32), compiled once for 16 batches as
+``train_and_evaluate`` compiles it, run with 1, 2, 4, 8 and 16 steps per call in turns (so a
+change of machine speed hits every length alike). Also counts the minor page faults per call:
+XLA:CPU maps its scratch memory afresh for each call.
+
+    python experiments/chunk_length.py        # ~2 minutes; writes experiments/chunk_length.md
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from resnet_flax import config as config_lib
+from resnet_flax import input_pipeline, models, program_cache, runtime, train
+
+HERE = Path(__file__).resolve().parent
+LENGTHS = (1, 2, 4, 8, 16)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="turns over all lengths")
+    parser.add_argument("--out", default=str(HERE / "chunk_length.md"))
+    args = parser.parse_args()
+
+    config = config_lib.default_config()
+    config.conv_impl = "gemm"
+    capacity = config.steps_per_chunk
+    mesh = runtime.make_mesh()
+    model = models.model_from_config(config)
+    state, train_chunk, _ = train.start_training(config, model, 34, capacity, mesh,
+                                                  program_cache.for_config(config, None))
+    rng = np.random.default_rng(0)
+    split = input_pipeline.Split(rng.integers(0, 256, (1080, 64, 64, 3), dtype=np.uint8),
+                                 rng.integers(0, 6, 1080).astype(np.int32), "random uint8")
+    indices, mask = input_pipeline.batch_indices(input_pipeline.epoch_order(0, 1, 1080), 32)
+    calls = {n: train.gather_chunk(split, indices, mask, 0, n, capacity, mesh) for n in LENGTHS}
+    state, sums = train_chunk(state, *calls[1])  # warm-up
+    jax.block_until_ready(sums)
+
+    seconds = {n: [] for n in LENGTHS}
+    faults = {n: [] for n in LENGTHS}
+    started = datetime.datetime.now(datetime.timezone.utc)
+    for _ in range(args.rounds):
+        for n in LENGTHS:
+            repeats = max(1, 16 // n)  # about 16 steps per length and round
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            for _ in range(repeats):
+                state, sums = train_chunk(state, *calls[n])
+                jax.block_until_ready(sums)
+            seconds[n].append((time.perf_counter() - start) / (repeats * n))
+            faults[n].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / repeats)
+
+    best16 = min(seconds[16])
+    lines = [
+        "# Seconds per training step against steps per compiled call", "",
+        f"`python experiments/chunk_length.py`, {started:%Y-%m-%d %H:%M} UTC, 2 cores, jax {jax.__version__}, "
+        f"load average after {' '.join(f'{x:.2f}' for x in os.getloadavg())}. 'gemm' ResNet-50, batch 32, "
+        f"one program compiled for {capacity} batches; {args.rounds} rounds over the lengths, about 16 "
+        f"steps per length and round.", "",
+        "| steps per call | s per step (best / median of rounds) | vs 16 per call | minor page faults per call |",
+        "|---|---|---|---|",
+    ]
+    for n in LENGTHS:
+        ts = sorted(seconds[n])
+        lines.append(f"| {n} | {ts[0]:.3f} / {ts[len(ts) // 2]:.3f} | {ts[0] / best16:.2f}x | "
+                     f"{np.median(faults[n]):,.0f} |")
+    per_call = (min(seconds[1]) - best16)
+    lines += ["", f"Each call costs about {per_call * 1000:.0f} ms beyond its steps (best of 1 per call less "
+              f"best of 16 per call). Machine: {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores, Python {platform.python_version()}."]
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
