@@ -1,9 +1,9 @@
 """Training and evaluation: the train state, the compiled steps, and the loop that ties them.
 
-An epoch is a few compiled calls: each runs a chunk of up to ``config.steps_per_chunk`` steps in a
-loop on donated buffers, and the progress bar moves between chunks. While the device runs one chunk, the host
-gathers the next chunk's batches (each process only the slice its devices hold; a few hundred KB)
-and waits only for the previous chunk's sums. The last, partial batch is padded and masked
+An epoch is a few compiled calls: each runs a chunk of up to ``config.steps_per_chunk`` steps in
+a loop on donated buffers, and the progress bar moves between chunks. While the device runs one
+chunk, the host gathers the next chunk's batches (each process only the slice its devices hold; a
+few MB) and waits only for the previous chunk's sums. The last, partial batch is padded and masked
 (BatchNorm statistics and the loss ignore the padding), so every training example is used each
 epoch and evaluation counts each test example exactly once.
 
@@ -320,8 +320,8 @@ def gather_chunk(split: input_pipeline.Split, indices: np.ndarray, mask: np.ndar
     return batches, runtime.replicated_scalar(np.int32(length), mesh)
 
 
-def train_epoch(train_chunk, state: TrainState, split: input_pipeline.Split, epoch: int, config,
-                mesh, lengths: list[int], capacity: int, show_progress: bool) -> tuple[TrainState, dict[str, float]]:
+def train_epoch(train_chunk, state: TrainState, split: input_pipeline.Split, epoch: int, config, mesh,
+                lengths: list[int], capacity: int, show_progress: bool) -> tuple[TrainState, dict[str, float]]:
     """One pass over the training set in the order of (seed, epoch), in calls of ``lengths`` steps
     (``chunk_lengths``) of a chunk compiled for ``capacity`` batches.
 
@@ -442,7 +442,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, m
     records = writer.keep_epochs_before(last_epoch + 1)
     for epoch in range(last_epoch + 1, config.num_epochs + 1):
         epoch_start = time.perf_counter()
-        # This process's first epoch starts with one step alone: its result (and any error) shows at once.
+        # This process's first epoch starts with one step alone: its result (or error) shows at once.
         lengths = chunk_lengths(steps_per_epoch, capacity, first=1 if epoch == last_epoch + 1 else None)
         state, train = train_epoch(train_chunk, state, dataset.train, epoch, config, mesh, lengths,
                                    capacity, show_progress=is_main_process)

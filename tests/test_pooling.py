@@ -1,4 +1,4 @@
-"""pooling.max_pool against flax's nn.max_pool: the same outputs and gradients, bit for bit."""
+"""pooling.max_pool against flax's nn.max_pool: the same outputs and gradients (bit for bit on CPU)."""
 
 import flax.linen as nn
 import jax

@@ -119,7 +119,7 @@ def test_evaluation_of_a_partial_last_batch_equals_unpadded(tiny_setup):
     np.testing.assert_allclose(padded["loss"], unpadded["loss"], rtol=1e-6)
 
 
-def test_scanned_chunk_equals_the_per_step_loop(tiny_setup):
+def test_chunk_equals_the_per_step_loop(tiny_setup):
     config, state, images, labels = tiny_setup
     indices, mask = input_pipeline.batch_indices(input_pipeline.epoch_order(0, 1, 36), 8)  # 4 + 4/8
     rng = jax.random.key(0)
