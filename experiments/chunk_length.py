@@ -3,9 +3,10 @@
 One training chunk of the 'gemm' ResNet-50 (batch 32), compiled once for 16 batches as
 ``train_and_evaluate`` compiles it, run with 1, 2, 4, 8 and 16 steps per call in turns (so a
 change of machine speed hits every length alike). Also counts the minor page faults per call:
-XLA:CPU maps its scratch memory afresh for each call.
+XLA:CPU maps its scratch memory afresh for each call. Then the same for evaluation
+(``train.make_evaluate``, one program per batch count: 1, 4 and 16 batches of 32 per call).
 
-    python experiments/chunk_length.py        # ~2 minutes; writes experiments/chunk_length.md
+    python experiments/chunk_length.py        # ~2.5 minutes; writes experiments/chunk_length.md
 """
 
 import argparse
@@ -24,6 +25,7 @@ from resnet_flax import input_pipeline, models, program_cache, runtime, train
 
 HERE = Path(__file__).resolve().parent
 LENGTHS = (1, 2, 4, 8, 16)
+EVAL_BATCHES = (1, 4, 16)
 
 
 def main() -> int:
@@ -61,6 +63,25 @@ def main() -> int:
             seconds[n].append((time.perf_counter() - start) / (repeats * n))
             faults[n].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / repeats)
 
+    variables = train.split_state(state)[0]
+    evaluate = train.make_evaluate(model.apply, config.num_classes)
+    eval_programs = {}
+    for n in EVAL_BATCHES:
+        batches = runtime.gather_batches(split.images, split.labels, indices[:n], mask[:n], mesh)
+        eval_programs[n] = (evaluate.lower(variables, batches).compile(), batches)
+        jax.block_until_ready(eval_programs[n][0](variables, batches))
+    eval_seconds = {n: [] for n in EVAL_BATCHES}
+    eval_faults = {n: [] for n in EVAL_BATCHES}
+    for _ in range(args.rounds):
+        for n, (program, batches) in eval_programs.items():
+            repeats = max(1, 32 // n)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            for _ in range(repeats):
+                jax.block_until_ready(program(variables, batches))
+            eval_seconds[n].append((time.perf_counter() - start) / (repeats * n))
+            eval_faults[n].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / repeats)
+
     best16 = min(seconds[16])
     lines = [
         "# Seconds per training step against steps per compiled call", "",
@@ -77,7 +98,17 @@ def main() -> int:
                      f"{np.median(faults[n]):,.0f} |")
     per_call = (min(seconds[1]) - best16)
     lines += ["", f"Each call costs about {per_call * 1000:.0f} ms beyond its steps (best of 1 per call less "
-              f"best of 16 per call). Machine: {platform.processor() or platform.machine()}, "
+              f"best of 16 per call).", "",
+              "Evaluation (`train.make_evaluate`, one program per batch count, batches of 32):", "",
+              "| batches per call | s per batch (best / median of rounds) | img/s (best) | minor page faults per call |",
+              "|---|---|---|---|"]
+    for n in EVAL_BATCHES:
+        ts = sorted(eval_seconds[n])
+        lines.append(f"| {n} | {ts[0]:.4f} / {ts[len(ts) // 2]:.4f} | {32 / ts[0]:.0f} | "
+                     f"{np.median(eval_faults[n]):,.0f} |")
+    eval_per_call = min(eval_seconds[1]) - min(eval_seconds[max(EVAL_BATCHES)])
+    lines += ["", f"An evaluation call costs about {eval_per_call * 1000:.0f} ms beyond its batches. "
+              f"Machine: {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores, Python {platform.python_version()}."]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
