@@ -28,6 +28,16 @@ LENGTHS = (1, 2, 4, 8, 16)
 EVAL_BATCHES = (1, 4, 16)
 
 
+def time_calls(call, repeats: int) -> tuple[float, float]:
+    """Seconds and minor page faults per call of ``call()``, which waits for its results."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    seconds = (time.perf_counter() - start) / repeats
+    return seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / repeats
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="turns over all lengths")
@@ -52,16 +62,17 @@ def main() -> int:
     seconds = {n: [] for n in LENGTHS}
     faults = {n: [] for n in LENGTHS}
     started = datetime.datetime.now(datetime.timezone.utc)
+
+    def run_chunk(n):
+        nonlocal state
+        state, sums = train_chunk(state, *calls[n])
+        jax.block_until_ready(sums)
+
     for _ in range(args.rounds):
-        for n in LENGTHS:
-            repeats = max(1, 16 // n)  # about 16 steps per length and round
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            start = time.perf_counter()
-            for _ in range(repeats):
-                state, sums = train_chunk(state, *calls[n])
-                jax.block_until_ready(sums)
-            seconds[n].append((time.perf_counter() - start) / (repeats * n))
-            faults[n].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / repeats)
+        for n in LENGTHS:  # about 16 steps per length and round
+            per_call, faults_per_call = time_calls(lambda: run_chunk(n), max(1, 16 // n))
+            seconds[n].append(per_call / n)
+            faults[n].append(faults_per_call)
 
     variables = train.split_state(state)[0]
     evaluate = train.make_evaluate(model.apply, config.num_classes)
@@ -74,13 +85,10 @@ def main() -> int:
     eval_faults = {n: [] for n in EVAL_BATCHES}
     for _ in range(args.rounds):
         for n, (program, batches) in eval_programs.items():
-            repeats = max(1, 32 // n)
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            start = time.perf_counter()
-            for _ in range(repeats):
-                jax.block_until_ready(program(variables, batches))
-            eval_seconds[n].append((time.perf_counter() - start) / (repeats * n))
-            eval_faults[n].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / repeats)
+            per_call, faults_per_call = time_calls(
+                lambda: jax.block_until_ready(program(variables, batches)), max(1, 32 // n))
+            eval_seconds[n].append(per_call / n)
+            eval_faults[n].append(faults_per_call)
 
     best16 = min(seconds[16])
     lines = [

@@ -5,9 +5,10 @@ memory peaks do not mix):
 
 * ``jax-xla`` and ``jax-gemm``: this project's real training path -- ``train.create_train_state``,
   ``train.make_train_chunk`` (a loop over chunks of up to ``steps_per_chunk`` steps: 12, 11, 11
-  for the 34 steps of a SIGNS epoch, after a first call of one step) on random uint8 images of SIGNS's shape (1080 x 64x64x3) placed on
-  the device once, and ``train.make_evaluate`` for evaluation (batch 40 as the config has it, and
-  batch 32). ResNet-50, batch 32, float32, ``conv_impl`` 'xla' or 'gemm'.
+  for the 34 steps of a SIGNS epoch, after a first call of one step) on random uint8 images of
+  SIGNS's shape (1080 x 64x64x3) gathered chunk by chunk, and ``train.make_evaluate`` for
+  evaluation (batch 40 as the config has it, and batch 32). ResNet-50, batch 32, float32,
+  ``conv_impl`` 'xla' or 'gemm'.
 * ``pytorch``: the same architecture in PyTorch on the CPU (experiments/peers/torch_resnet50.py).
 * ``keras``: the assignment's Keras model on Keras 3's JAX backend (experiments/peers/keras_resnet50.py).
 

@@ -11,8 +11,8 @@ Two measurements, each in fresh processes:
   (XLA's executables and the exported programs of ``resnet_flax/program_cache.py``), timed from
   interpreter start through imports, ``train.start_training`` (the train state from the saved
   init program, and beside it in a second thread the training chunk from its saved program,
-  both compiled from XLA's cache) and the first chunk (2 steps), as ``train.train_and_evaluate``
-  does.
+  both compiled from XLA's cache) and the first call (one step alone), as
+  ``train.train_and_evaluate`` does.
 
     python experiments/where_time_goes.py      # ~3 minutes; writes experiments/where_time_goes.md
 """

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Third GPU check (session 4): the max-pool with its own gradient (resnet_flax/pooling.py) and the
+# Fifth GPU check (session 4): the max-pool with its own gradient (resnet_flax/pooling.py) and the
 # training chunks that run a traced number of steps, on the GPU; then SIGNS end to end and the
 # training throughput of the chunks. Set-up in setup.sh; $OUT for results.
 source "$(dirname "$0")/setup.sh"
