@@ -114,8 +114,12 @@ class Conv2D(nn.Module):
     bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, defer_bias: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """The convolution plus bias; with ``defer_bias``, the pair (convolution, bias) instead, for
+        a following ``batchnorm.BatchNorm`` to take the bias in (``input_bias``) without a pass of
+        its own."""
         kernel_shape = (*self.kernel_size, x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init, kernel_shape, jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-        return conv2d(x, kernel, self.strides, self.padding, self.impl, self.precision) + bias
+        y = conv2d(x, kernel, self.strides, self.padding, self.impl, self.precision)
+        return (y, bias) if defer_bias else y + bias

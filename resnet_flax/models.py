@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_flax import pooling
+from resnet_flax import batchnorm, pooling
 from resnet_flax.conv import PRECISIONS, Conv2D
 from resnet_flax.errors import UserError
 
@@ -34,6 +34,17 @@ BN_EPSILON = 1e-3
 def layer_name_bases(stage: int | str, block: str) -> tuple[str, str]:
     """The assignment's ``conv_name_base`` and ``bn_name_base``."""
     return f"res{stage}{block}_branch", f"bn{stage}{block}_branch"
+
+
+def conv_batchnorm(x: jax.Array, filters: int, window: int, conv_name: str, bn_name: str, *,
+                   strides: int = 1, padding: str = "VALID", relu: bool = False, conv_impl: str,
+                   precision: str, train: bool, mask: jax.Array | None) -> jax.Array:
+    """Keras ``Conv2D`` (``conv_name``) -> ``BatchNormalization`` (``bn_name``) [-> ReLU], inside the
+    calling module. The conv's bias is added inside the BatchNorm (see ``resnet_flax.batchnorm``)."""
+    x, conv_bias = Conv2D(filters, (window, window), strides=(strides, strides), padding=padding,
+                          impl=conv_impl, precision=precision, name=conv_name)(x, defer_bias=True)
+    return batchnorm.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                               name=bn_name)(x, conv_bias, mask=mask, relu=relu)
 
 
 class IdentityBlock(nn.Module):
@@ -57,18 +68,13 @@ class IdentityBlock(nn.Module):
         f1, f2, f3 = self.filters
         f = self.kernel_size
         conv_name, bn_name = layer_name_bases(self.stage, self.block)
-        conv = functools.partial(Conv2D, impl=self.conv_impl, precision=self.precision)
-        norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON
-        )
+        conv_bn = functools.partial(conv_batchnorm, conv_impl=self.conv_impl, precision=self.precision,
+                                    train=train, mask=mask)
         shortcut = x
 
-        x = conv(f1, (1, 1), padding="VALID", name=conv_name + "2a")(x)
-        x = nn.relu(norm(name=bn_name + "2a")(x, mask=mask))
-        x = conv(f2, (f, f), padding="SAME", name=conv_name + "2b")(x)
-        x = nn.relu(norm(name=bn_name + "2b")(x, mask=mask))
-        x = conv(f3, (1, 1), padding="VALID", name=conv_name + "2c")(x)
-        x = norm(name=bn_name + "2c")(x, mask=mask)
+        x = conv_bn(x, f1, 1, conv_name + "2a", bn_name + "2a", relu=True)
+        x = conv_bn(x, f2, f, conv_name + "2b", bn_name + "2b", padding="SAME", relu=True)
+        x = conv_bn(x, f3, 1, conv_name + "2c", bn_name + "2c")
 
         if self.residual:
             x = x + shortcut
@@ -94,22 +100,16 @@ class ConvolutionalBlock(nn.Module):
         f1, f2, f3 = self.filters
         f, s = self.kernel_size, self.strides
         conv_name, bn_name = layer_name_bases(self.stage, self.block)
-        conv = functools.partial(Conv2D, impl=self.conv_impl, precision=self.precision)
-        norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON
-        )
+        conv_bn = functools.partial(conv_batchnorm, conv_impl=self.conv_impl, precision=self.precision,
+                                    train=train, mask=mask)
         shortcut = x
 
-        x = conv(f1, (1, 1), strides=(s, s), padding="VALID", name=conv_name + "2a")(x)
-        x = nn.relu(norm(name=bn_name + "2a")(x, mask=mask))
-        x = conv(f2, (f, f), padding="SAME", name=conv_name + "2b")(x)
-        x = nn.relu(norm(name=bn_name + "2b")(x, mask=mask))
-        x = conv(f3, (1, 1), padding="VALID", name=conv_name + "2c")(x)
-        x = norm(name=bn_name + "2c")(x, mask=mask)
+        x = conv_bn(x, f1, 1, conv_name + "2a", bn_name + "2a", strides=s, relu=True)
+        x = conv_bn(x, f2, f, conv_name + "2b", bn_name + "2b", padding="SAME", relu=True)
+        x = conv_bn(x, f3, 1, conv_name + "2c", bn_name + "2c")
 
         if self.residual:
-            shortcut = conv(f3, (1, 1), strides=(s, s), padding="VALID", name=conv_name + "1")(shortcut)
-            shortcut = norm(name=bn_name + "1")(shortcut, mask=mask)
+            shortcut = conv_bn(shortcut, f3, 1, conv_name + "1", bn_name + "1", strides=s)
             x = x + shortcut
         return nn.relu(x)
 
@@ -159,12 +159,8 @@ class ResNet(nn.Module):
         if mask is not None:
             mask = mask.reshape(-1, 1, 1, 1)
         x = jnp.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)))
-        x = Conv2D(self.stem_features, (7, 7), strides=(2, 2), impl=self.conv_impl,
-                   precision=self.precision, name="conv1")(x)
-        x = nn.BatchNorm(
-            use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="bn_conv1"
-        )(x, mask=mask)
-        x = nn.relu(x)
+        x = conv_batchnorm(x, self.stem_features, 7, "conv1", "bn_conv1", strides=2, relu=True,
+                           conv_impl=self.conv_impl, precision=self.precision, train=train, mask=mask)
         x = pooling.max_pool(x, (3, 3), strides=(2, 2))
         self.sow("intermediates", "stage1", x)
 

