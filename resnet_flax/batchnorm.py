@@ -53,24 +53,24 @@ def normalize_batch(x, input_bias, scale, bias, weight, epsilon: float, relu: bo
 
 def _forward(x, input_bias, scale, bias, weight, epsilon, relu):
     mean, var, raw_var, count = _statistics(x, weight)
-    out = _scale_and_shift(x, mean, var, scale, bias, epsilon)
+    out = (x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias  # flax's order of operations
     if relu:
         out = jnp.maximum(out, 0.0)
-    return (out, mean + input_bias, var), (x, scale, bias, weight, mean, var, raw_var, count)
-
-
-def _scale_and_shift(x, mean, var, scale, bias, epsilon):
-    """The normalised output before the ReLU (flax's order of operations)."""
-    return (x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias
+    # The rectified output is the next layer's input anyway: keeping it for the ReLU's gate costs
+    # no memory, where recomputing the gate would keep the centred input alive instead.
+    gate = out if relu else None
+    return (out, mean + input_bias, var), (x, gate, scale, weight, mean, var, raw_var, count)
 
 
 def _backward(epsilon, relu, residuals, cotangents):
-    x, scale, bias, weight, mean, var, raw_var, count = residuals
+    x, gate, scale, weight, mean, var, raw_var, count = residuals
     d_out, d_mean, d_var = cotangents
     inv_sigma = lax.rsqrt(var + epsilon)
-    x_hat = (x - mean) * inv_sigma
-    if relu:  # jax.nn.relu's gate, from the very expression the forward pass rectified
-        d_out = jnp.where(_scale_and_shift(x, mean, var, scale, bias, epsilon) > 0, d_out, 0.0)
+    # Written apart from the forward's (x - mean) so that XLA does not keep a centred copy of x
+    # from the forward pass for this: each pass below recomputes it on the fly.
+    x_hat = x * inv_sigma - mean * inv_sigma
+    if relu:  # jax.nn.relu's gate: the gradient passes where the output is positive
+        d_out = jnp.where(gate > 0, d_out, 0.0)
     sum_d_out = jnp.sum(d_out, axis=_REDUCED)
     sum_d_out_x_hat = jnp.sum(d_out * x_hat, axis=_REDUCED)
     # The totals through the statistics: d mean / d x_i = w_i / n, d var / d x_i = 2 w_i (x_i -
@@ -121,3 +121,4 @@ class BatchNorm(nn.Module):
             running_mean.value = self.momentum * running_mean.value + (1.0 - self.momentum) * mean
             running_var.value = self.momentum * running_var.value + (1.0 - self.momentum) * var
         return out
+
