@@ -6,7 +6,8 @@ Two measurements, each in fresh processes:
   ``train.train_step`` computes it, and the same step with one part taken away: BatchNorm's
   padding mask, BatchNorm itself (replaced by a per-channel scale and shift), Adam (replaced by
   plain SGD), the parameter update altogether (gradients only). What a part costs is the
-  difference to the full step.
+  difference to the full step. One variant puts something back instead: flax's own BatchNorm,
+  differentiated op by op, as the model had it before ``resnet_flax/batchnorm.py``.
 * **Warm start phases**: a process that starts on a cache filled by an earlier identical process
   (XLA's executables and the exported programs of ``resnet_flax/program_cache.py``), timed from
   interpreter start through imports, ``train.start_training`` (the train state from the saved
@@ -32,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 VARIANTS = {
     "full step": "as train.train_step",
     "no BatchNorm mask": "mask=None (the mask keeps padding examples out of the batch statistics)",
+    "flax BatchNorm": "flax.linen.BatchNorm (gradient op by op) on conv output + bias, then ReLU, as before batchnorm.py",
     "no BatchNorm": "every BatchNorm replaced by a per-channel scale and shift",
     "SGD instead of Adam": "params - 1e-3 * grads",
     "gradients only": "no parameter update",
@@ -44,6 +46,8 @@ def step_worker(variant: str, reps: int) -> dict:
     import jax.numpy as jnp
     import optax
 
+    from resnet_flax import batchnorm
+
     if variant == "no BatchNorm":
         class ScaleShift(nn.Module):
             use_running_average: bool = False
@@ -51,13 +55,24 @@ def step_worker(variant: str, reps: int) -> dict:
             epsilon: float = 1e-3
 
             @nn.compact
-            def __call__(self, x, mask=None):
+            def __call__(self, x, input_bias=None, *, mask=None, relu=False):
                 features = x.shape[-1]
                 self.variable("batch_stats", "mean", jnp.zeros, (features,))
-                return x * self.param("scale", nn.initializers.ones, (features,)) + self.param(
+                y = (x + input_bias) * self.param("scale", nn.initializers.ones, (features,)) + self.param(
                     "bias", nn.initializers.zeros, (features,))
+                return nn.relu(y) if relu else y
 
-        nn.BatchNorm = ScaleShift  # models.py looks it up at call time
+        batchnorm.BatchNorm = ScaleShift  # models.py looks it up at call time
+    if variant == "flax BatchNorm":
+        class FlaxBatchNorm(nn.BatchNorm):
+            """The layer the model had before resnet_flax/batchnorm.py: flax's, differentiated op by
+            op, on the conv output plus bias, then a separate ReLU."""
+
+            def __call__(self, x, input_bias=None, *, mask=None, relu=False):
+                y = super().__call__(x + input_bias, mask=mask)
+                return nn.relu(y) if relu else y
+
+        batchnorm.BatchNorm = FlaxBatchNorm
     from resnet_flax import input_pipeline
     from step_inputs import best_and_median, gemm_resnet50_state_and_batch
 
