@@ -1,17 +1,19 @@
 """Keras ``BatchNormalization`` for NHWC activations, with a hand-written gradient, the preceding
 conv's bias taken in, and an optional ReLU folded in.
 
-The layer computes what ``flax.linen.BatchNorm`` computes (statistics over batch, height and
-width, variance as E[x^2] - E[x]^2 clipped at 0, the same parameter and ``batch_stats`` names), so
-checkpoints and Keras weights load into either. In training mode it differs in how the work is
-laid out, because on a CPU these layers are bound by memory traffic, not arithmetic:
+The layer computes what ``flax.linen.BatchNorm`` computes on ``x + input_bias``, up to float
+rounding (statistics over batch, height and width, variance as E[x^2] - E[x]^2 clipped at 0, the
+same parameter and ``batch_stats`` names), so checkpoints and Keras weights load into either. In
+training mode it differs in how the work is laid out, because on a CPU these layers are bound by
+memory traffic, not arithmetic:
 
 * Forward: two reductions over the input and one pass that writes the normalised (and, with
   ``relu=True``, rectified) output. The padding mask weights per-example sums, so no masked copy
   of the activations is made.
 * Backward: the closed form ``dx = scale / sigma * (dy - w (sum dy + xhat * sum dy*xhat) / n)``
   (``w`` 1 for counted examples, 0 for padding), from two reductions and one elementwise pass that
-  recompute ``xhat`` (and the ReLU's gate) from the saved input instead of storing them.
+  recompute ``xhat`` from the saved input instead of storing it; the ReLU's gate comes from the
+  output, which the next layer keeps anyway.
 * ``input_bias``, the preceding conv's bias, is added inside the layer: in training mode the
   output does not depend on it (the batch mean takes it out again), so its gradient is exactly
   zero, where ``conv + bias -> BatchNorm`` differentiated op by op gives float rounding noise that

@@ -1,5 +1,6 @@
 """The assignment's blocks and ResNet-50: shapes, parameter counts, names and BatchNorm semantics."""
 
+import functools
 import re
 
 import jax
@@ -219,3 +220,22 @@ def test_plain_twin_has_no_shortcut_layers():
     names = models.keras_layer_paths(variables)
     assert not any(n.endswith("_branch1") for n in names)
     assert len(names) == 53 - 4 + 53 - 4 + 1
+
+
+def test_conv_biases_get_exactly_zero_gradients_in_training(tiny):
+    """Each BatchNorm takes its conv's bias in and its batch mean takes it out again: the true
+    gradient is zero, and that is what training computes (op by op it would be rounding noise)."""
+    model, variables, x = tiny
+
+    def loss(params):
+        logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(logits))
+
+    grads = jax.grad(loss)(variables["params"])
+    paths = models.keras_layer_paths(variables)
+    conv_names = [name for name in paths if name.startswith(("res", "conv1"))]
+    assert len(conv_names) == 9  # resnet_tiny: the stem and two convolutional blocks
+    for name in conv_names:
+        layer = functools.reduce(lambda tree, key: tree[key], paths[name], grads)
+        np.testing.assert_array_equal(layer["bias"], 0.0, err_msg=name)
+        assert np.abs(layer["kernel"]).max() > 0, name
