@@ -1,0 +1,93 @@
+"""Paired rounds: this project's 'gemm' ResNet-50 against PyTorch, alternated, to read the ratios
+on a shared machine whose speed drifts from minute to minute (issue 5).
+
+One ``experiments/throughput.py`` run measures each configuration once, about a minute apart, so a
+drift of the machine between the two shows up as a change of the ratio (the same code gave 91.4
+and 100.7 img/s in two runs five minutes apart). This script runs ``throughput.py``'s own workers
+-- the JAX training path of config 'jax gemm' and the PyTorch peer -- one after the other, for
+``--rounds`` rounds, and reports every round's images/s and ratios and their medians. The
+cold/warm start and memory columns stay ``throughput.py``'s job.
+
+    python experiments/throughput_rounds.py              # 5 rounds, ~6 minutes on 2 cores
+    python experiments/throughput_rounds.py --rounds 3 --out /tmp/rounds
+"""
+
+import argparse
+import datetime
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import throughput
+from throughput import HERE, PEERS, load_average, machine_info, run_worker
+
+
+def jax_gemm_round(steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as cache:
+        return run_worker("jax-gemm", [throughput.__file__, "--worker", "jax", "--impl", "gemm",
+                                       "--precision", "highest", "--cache-dir", cache, "--steps", str(steps),
+                                       "--warmup-chunks", "2", "--eval-images", "320", "--budget-s", "60"])
+
+
+def torch_round(steps: int) -> dict:
+    return run_worker("pytorch", [str(PEERS / "torch_resnet50.py"), "--steps", str(steps), "--warmup", "3",
+                                  "--eval-batches", "10"])
+
+
+METRICS = (("train", "train_images_per_second"), ("eval b32", "eval_images_per_second"),
+           ("eval b40", "eval40_images_per_second"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps per worker")
+    parser.add_argument("--out", default=str(HERE / "throughput_rounds"), help="output path without suffix")
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+
+    started = datetime.datetime.now(datetime.timezone.utc)
+    load_before = load_average()
+    rounds = []
+    for index in range(args.rounds):
+        ours, peer = jax_gemm_round(args.steps), torch_round(args.steps)
+        if "error" in ours or "error" in peer:
+            print(f"round {index + 1} failed: {ours.get('error') or peer.get('error')}", file=sys.stderr)
+            return 1
+        rounds.append({name: (ours[key], peer[key]) for name, key in METRICS})
+
+    lines = [
+        "# Paired rounds: resnet_flax 'gemm' vs PyTorch, alternated",
+        "",
+        f"`python experiments/throughput_rounds.py --rounds {args.rounds} --steps {args.steps}`, "
+        f"{started:%Y-%m-%d %H:%M} - {datetime.datetime.now(datetime.timezone.utc):%H:%M} UTC. "
+        f"ResNet-50, batch 32, float32; each round runs `throughput.py`'s 'jax gemm' worker, then its "
+        f"PyTorch worker (images/s, steady state). Load average before {load_before}, after {load_average()}.",
+        "",
+        "| round | " + " | ".join(f"{name} ours | {name} PyTorch | {name} ratio" for name, _ in METRICS) + " |",
+        "|---|" + "---|---|---|" * len(METRICS),
+    ]
+    for index, result in enumerate(rounds, 1):
+        cells = [f"{ours:.1f} | {peer:.1f} | {ours / peer:.2f}x" for ours, peer in result.values()]
+        lines.append(f"| {index} | " + " | ".join(cells) + " |")
+    medians = []
+    for name, _ in METRICS:
+        ours = statistics.median(r[name][0] for r in rounds)
+        peer = statistics.median(r[name][1] for r in rounds)
+        ratio = statistics.median(r[name][0] / r[name][1] for r in rounds)
+        medians.append(f"{ours:.1f} | {peer:.1f} | {ratio:.2f}x")
+    lines.append("| median | " + " | ".join(medians) + " |")
+    info = machine_info()
+    lines += ["", f"Machine: {info.get('cpu', '?')}, {info.get('cores', '?')} cores; "
+              f"{', '.join(f'{k} {v}' for k, v in info.get('versions', {}).items())}."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(args.out).with_suffix(".md").write_text(text)
+    print(f"wrote {Path(args.out).with_suffix('.md')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
