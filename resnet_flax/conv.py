@@ -78,9 +78,15 @@ def conv_gemm(x: jax.Array, kernel: jax.Array, strides: Sequence[int], pads: Pad
         limit = (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin)
         return lax.slice(x, start, limit, (1, sh, sw, 1))
 
-    taps = [shifted(i, j) for i in range(kh) for j in range(kw)]
-    patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-    # Row-major (kh, kw, cin) matches the order of the concatenated taps.
+    if kh * kw == 1:
+        patches = shifted(0, 0)
+    else:
+        # Stacked along new axes, not concatenated along channels: XLA:CPU fuses a stack of at most
+        # 8 arrays with the slices that feed it into one pass, but materialises every tap first
+        # for a channel-axis concatenation or one of more than 8 arrays (the 9 taps of a 3x3).
+        rows = [jnp.stack([shifted(i, j) for j in range(kw)], axis=3) for i in range(kh)]
+        patches = jnp.stack(rows, axis=3)  # (n, ho, wo, kh, kw, cin)
+    # Row-major (kh, kw, cin) matches the order of the taps.
     y = jnp.matmul(patches.reshape(n * ho * wo, kh * kw * cin), kernel.reshape(kh * kw * cin, cout),
                    precision=precision)
     return y.reshape(n, ho, wo, cout)
