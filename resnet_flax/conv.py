@@ -5,8 +5,8 @@ Keras weights work with either:
 
 * ``'xla'``  -- ``lax.conv_general_dilated``; the right choice on GPU/TPU.
 * ``'gemm'`` -- the convolution lowered to one matrix product: a 1x1 convolution is a matmul over
-  the N*H*W pixels, a kxk one a matmul over the k*k shifted (strided) slices concatenated along
-  the channel axis (im2col). XLA's CPU backend runs large matmuls far faster than convolutions.
+  the N*H*W pixels, a kxk one a matmul over the k*k shifted (strided) slices side by side
+  (im2col). XLA's CPU backend runs large matmuls far faster than convolutions.
 * ``'auto'`` -- 'gemm' on CPU, 'xla' elsewhere.
 
 Padding follows TensorFlow: 'SAME' pads ``total // 2`` before and the rest after, also for even
