@@ -361,6 +361,25 @@ def run_worker(name: str, argv: list[str], env_extra: dict | None = None, timeou
     return {"config": name, "error": f"exit status {returncode}", "process_seconds": wall}
 
 
+def jax_worker_argv(impl: str, precision: str, cache_dir: str, steps: int, quick: bool = False,
+                    first_step_only: bool = False) -> list[str]:
+    """The command line of a JAX config's worker: the measuring one, or with ``first_step_only``
+    the warm start on the cache the measuring one filled."""
+    common = [__file__, "--worker", "jax", "--impl", impl, "--precision", precision, "--cache-dir", cache_dir]
+    if first_step_only:
+        return [*common, "--first-step-only"]
+    return [*common, "--steps", str(steps), *(["--quick"] if quick else []),
+            "--warmup-chunks", "1" if quick else "2",
+            "--eval-images", "128" if quick else "320",
+            "--budget-s", "20" if quick else "60"]
+
+
+def peer_worker_argv(script: str, steps: int, quick: bool = False) -> list[str]:
+    """The command line of a peer's measuring script (``peers/torch_resnet50.py`` or Keras's)."""
+    return [str(PEERS / script), "--steps", str(steps), "--warmup", "1" if quick else "3",
+            "--eval-batches", "2" if quick else "10"]
+
+
 def fmt(value, spec: str, missing: str = "n/a", suffix: str = "") -> str:
     return missing if value is None else format(value, spec) + suffix
 
@@ -454,8 +473,6 @@ def main(argv=None) -> int:
     impls = [i for i in IMPLS if "jax" in wanted or f"jax-{i}" in wanted]
     out = Path(args.out) if args.out else (None if args.quick else HERE / "throughput")
     quick = ["--quick"] if args.quick else []
-    peer_common = ["--steps", str(steps), "--warmup", "1" if args.quick else "3",
-                   "--eval-batches", "2" if args.quick else "10"]
 
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = load_average()
@@ -467,24 +484,19 @@ def main(argv=None) -> int:
     results = []
     for impl in impls:
         with tempfile.TemporaryDirectory() as cache:
-            common = [__file__, "--worker", "jax", "--impl", impl, "--precision", args.precision,
-                      "--cache-dir", cache]
-            result = run_worker(f"jax-{impl}", [
-                *common, "--steps", str(steps), *quick,
-                "--warmup-chunks", "1" if args.quick else "2",
-                "--eval-images", "128" if args.quick else "320",
-                "--budget-s", "20" if args.quick else "60"])
+            result = run_worker(f"jax-{impl}", jax_worker_argv(impl, args.precision, cache, steps, args.quick))
             if "error" not in result:
-                result["warm"] = run_worker(f"jax-{impl}-warm", [*common, "--first-step-only"])
+                result["warm"] = run_worker(f"jax-{impl}-warm", jax_worker_argv(
+                    impl, args.precision, cache, steps, first_step_only=True))
         results.append(result)
     skipped = []
     if "torch" in wanted:
         if backend != "cpu":
             skipped.append(f"pytorch: this torch build is CPU-only and JAX runs on {backend}")
         else:
-            results.append(run_worker("pytorch", [str(PEERS / "torch_resnet50.py"), *peer_common]))
+            results.append(run_worker("pytorch", peer_worker_argv("torch_resnet50.py", steps, args.quick)))
     if "keras" in wanted:
-        results.append(run_worker("keras", [str(PEERS / "keras_resnet50.py"), *peer_common],
+        results.append(run_worker("keras", peer_worker_argv("keras_resnet50.py", steps, args.quick),
                                   env_extra={"KERAS_BACKEND": "jax"}))
     load_after = load_average()
     finished = datetime.datetime.now(datetime.timezone.utc)

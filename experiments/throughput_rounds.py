@@ -19,20 +19,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-import throughput
-from throughput import HERE, PEERS, load_average, machine_info, run_worker
+from throughput import HERE, jax_worker_argv, load_average, machine_info, peer_worker_argv, run_worker
 
 
 def jax_gemm_round(steps: int) -> dict:
     with tempfile.TemporaryDirectory() as cache:
-        return run_worker("jax-gemm", [throughput.__file__, "--worker", "jax", "--impl", "gemm",
-                                       "--precision", "highest", "--cache-dir", cache, "--steps", str(steps),
-                                       "--warmup-chunks", "2", "--eval-images", "320", "--budget-s", "60"])
+        return run_worker("jax-gemm", jax_worker_argv("gemm", "highest", cache, steps))
 
 
 def torch_round(steps: int) -> dict:
-    return run_worker("pytorch", [str(PEERS / "torch_resnet50.py"), "--steps", str(steps), "--warmup", "3",
-                                  "--eval-batches", "10"])
+    return run_worker("pytorch", peer_worker_argv("torch_resnet50.py", steps))
 
 
 METRICS = (("train", "train_images_per_second"), ("eval b32", "eval_images_per_second"),

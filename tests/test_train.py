@@ -225,11 +225,14 @@ def test_batchnorm_recalibration_averages_exact_batch_statistics(tiny_setup):
     batches = runtime.gather_batches(images, labels, indices, mask, runtime.make_mesh())
     recalibrated = recalibration.make_recalibrate(state.apply_fn)(variables, batches)
     # bn_conv1 sees conv1's output: its statistics per batch, computed directly, then averaged.
-    def conv1(v, x):  # conv1's output and bias (which BatchNorm adds): their sum
-        captured = jax.jit(lambda v, x: state.apply_fn(
-            v, input_pipeline.normalize(x), train=True, mutable=["batch_stats", "intermediates"],
-            capture_intermediates=lambda m, _: m.name == "conv1")[1]["intermediates"]["conv1"]["__call__"][0])(v, x)
-        return captured[0] + captured[1]
+    # conv1's output and bias (which BatchNorm adds), captured; their sum is what bn_conv1 sees.
+    capture_conv1 = jax.jit(lambda v, x: state.apply_fn(
+        v, input_pipeline.normalize(x), train=True, mutable=["batch_stats", "intermediates"],
+        capture_intermediates=lambda m, _: m.name == "conv1")[1]["intermediates"]["conv1"]["__call__"][0])
+
+    def conv1(v, x):
+        out, bias = capture_conv1(v, x)
+        return out + bias
 
     outputs = [conv1(variables, images[:8]), conv1(variables, images[8:14])]
     expected_mean = np.mean([o.mean(axis=(0, 1, 2)) for o in outputs], axis=0)
