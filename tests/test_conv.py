@@ -61,6 +61,22 @@ def test_implementations_match_reference_and_each_other(x_shape, k_shape, stride
     np.testing.assert_allclose(gx[1], gg[1], atol=1e-5 * scale * x_shape[0] * x_shape[1] * x_shape[2])
 
 
+def test_gemm_kernel_gradient_alone_equals_the_one_with_the_input_gradient():
+    # With a fixed input (the stem's image) the custom gradient skips the input gradient.
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 9, 9, 3)).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+
+    def f(x, k):
+        return jnp.sum(jnp.sin(conv.conv2d(x, k, (2, 2), "SAME", "gemm")))
+
+    alone = jax.jit(jax.grad(f, argnums=1))(x, kernel)
+    both = jax.jit(jax.grad(f, argnums=(0, 1)))(x, kernel)[1]
+    np.testing.assert_array_equal(alone, both)
+    reference = jax.grad(lambda k: jnp.sum(jnp.sin(conv.conv2d(x, k, (2, 2), "SAME", "xla"))))(kernel)
+    np.testing.assert_allclose(alone, reference, rtol=1e-5, atol=1e-4)
+
+
 def test_tensorflow_same_padding_puts_the_extra_pixel_after():
     assert conv.explicit_padding((4, 4), (2, 2), (1, 1), "SAME") == ((0, 1), (0, 1))
     assert conv.explicit_padding((15, 15), (3, 3), (1, 1), "SAME") == ((1, 1), (1, 1))

@@ -1,6 +1,7 @@
 """Training end to end on the smoke config, determinism, masking, and the compiled steps."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -117,6 +118,22 @@ def test_evaluation_of_a_partial_last_batch_equals_unpadded(tiny_setup):
     assert padded["count"] == unpadded["count"] == 30
     assert padded["accuracy"] == unpadded["accuracy"]
     np.testing.assert_allclose(padded["loss"], unpadded["loss"], rtol=1e-6)
+
+
+def test_training_step_updates_conv_kernels_in_place():
+    """XLA must not copy the donated kernels each step (conv.patches_times_kernel orders the
+    input gradient's read of a kernel before the optimizer overwrites it)."""
+    config = smoke_config(batch_size=4)
+    model = models.create_model(config.model, num_classes=6, conv_impl="gemm")
+    state = train.create_train_state(config, model, steps_per_epoch=10)
+    batch = {"image": jnp.zeros((4, 64, 64, 3), jnp.uint8), "label": jnp.zeros((4,), jnp.int32),
+             "mask": jnp.ones((4,), bool)}
+    step = jax.jit(lambda s, b: train.train_step(s, b, jax.random.key(0), num_classes=6), donate_argnums=0)
+    hlo = step.lower(state, batch).compile().as_text()
+    kernel_shapes = {",".join(map(str, k.shape)) for k in jax.tree.leaves(state.params) if k.ndim == 4}
+    copied = set(re.findall(r"= f32\[([\d,]+)\]\S* copy\(", hlo))
+    assert len(kernel_shapes) >= 4
+    assert not copied & kernel_shapes, f"kernels copied each step: {sorted(copied & kernel_shapes)}"
 
 
 def test_chunk_equals_the_per_step_loop(tiny_setup):
