@@ -38,6 +38,13 @@ def time_calls(call, repeats: int) -> tuple[float, float]:
     return seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / repeats
 
 
+def allocator() -> str:
+    """The allocator settings this process runs with (the per-call cost depends on them)."""
+    settings = [f"{k}={os.environ[k]}" for k in ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES")
+                if os.environ.get(k)]
+    return " ".join(settings) or "the C library's malloc, default settings"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="turns over all lengths")
@@ -117,7 +124,7 @@ def main() -> int:
     eval_per_call = min(eval_seconds[1]) - min(eval_seconds[max(EVAL_BATCHES)])
     lines += ["", f"An evaluation call costs about {eval_per_call * 1000:.0f} ms beyond its batches. "
               f"Machine: {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores, Python {platform.python_version()}."]
+              f"{os.cpu_count()} cores, Python {platform.python_version()}. Memory allocator: {allocator()}."]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

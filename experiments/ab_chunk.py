@@ -1,0 +1,297 @@
+"""In-process A/B of the 'gemm' ResNet-50 training chunk and evaluation against a variant (issue 5).
+
+This machine's speed drifts by several percent from minute to minute, more than most of the
+changes tried in issue 5 are worth, so comparing separate processes says little. This script builds
+the current code and one variant in the same process (each compiled once, for 4-step chunks of
+batch 32, from its own train state), then alternates their calls round by round (the order flips
+each round) and reports best and median seconds per training step and per evaluation batch.
+
+Variants (each names what it changes against the current code):
+
+* ``copied-kernels``: the conv product as a plain ``jnp.matmul``, as before session 6: XLA then
+  copies every kernel at the start of each step (see ``conv.patches_times_kernel``).
+* ``no-mask``: BatchNorm without the padding mask.
+* ``minimal-update``: Adam replaced by ``p + 0 * g[0]``, an in-place pass over each parameter that
+  still waits for every gradient: what Adam itself costs.
+* ``transposed-kernel-gradients``: the kernel gradients of stages 2-3 (at least 2048 rows, patches
+  at least twice as wide as the output) as ``(d_out^T @ patches)^T`` with ``d_out^T`` materialised,
+  which XLA:CPU runs as plain YNNPACK products instead of Eigen's transposed ones.
+* ``space-to-depth-stem``: the 7x7/2 stem as a 4x4/1 conv on a space-to-depth input (12-float runs
+  in im2col instead of 3-float ones).
+* ``variadic-batchnorm-forward-sums``: BatchNorm's forward statistics (sum and sum of squares) as
+  one variadic ``lax.reduce``, one read of the activation instead of two.
+* ``variadic-batchnorm-sums``: the same, and the backward pass's two sums as well.
+* ``no-inference-batchnorm``: in evaluation, each BatchNorm left out (the ReLU kept): what its
+  affine costs there, i.e. what folding it into the kernels could at most save.
+* ``xla-conv-stages-3-4``: the 3x3 convs at 4x4 to 8x8 pixels by XLA's convolution instead of
+  im2col + product (alone ~10% faster at those shapes, forward only).
+
+    python experiments/ab_chunk.py --variant copied-kernels          # ~2 minutes
+    python experiments/ab_chunk.py --variant no-mask --rounds 20 --out experiments/ab_chunk.md
+
+With ``--out`` the result is appended to that Markdown file (date, machine, command).
+"""
+
+import argparse
+import contextlib
+import datetime
+import functools
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from resnet_flax import batchnorm, conv, input_pipeline, train
+from step_inputs import gemm_resnet50_state_and_batch
+
+STEPS = 4
+VARIANTS = ("copied-kernels", "no-mask", "minimal-update", "transposed-kernel-gradients",
+            "space-to-depth-stem", "variadic-batchnorm-forward-sums", "variadic-batchnorm-sums",
+            "no-inference-batchnorm",
+            "xla-conv-stages-3-4")
+
+
+def plain_product(patches, kernel, precision):
+    return jnp.matmul(patches, kernel, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def transposed_gradient_product(patches, kernel, precision):
+    return jnp.matmul(patches, kernel, precision=precision)
+
+
+def _transposed_fwd(patches, kernel, precision):
+    return jnp.matmul(patches, kernel, precision=precision), (patches, kernel)
+
+
+def _transposed_bwd(precision, residuals, d_out):
+    patches, kernel = residuals
+    rows, width = patches.shape
+    if rows >= 2048 and width >= 2 * d_out.shape[1]:
+        # The barriers keep XLA from folding the transposes back into one Eigen product.
+        d_out_t = lax.optimization_barrier(d_out.T)
+        d_kernel = lax.optimization_barrier(jnp.matmul(d_out_t, patches, precision=precision)).T
+    else:
+        d_kernel = jnp.matmul(patches.T, d_out, precision=precision)
+    d_patches = jnp.matmul(d_out, kernel.T, precision=precision)
+    return d_patches, d_kernel + 0.0 * d_patches[0, 0]
+
+
+transposed_gradient_product.defvjp(_transposed_fwd, _transposed_bwd)
+
+
+def space_to_depth_gemm(original):
+    """``conv.conv_gemm`` that computes a stride-2 conv on a narrow input (the stem) as a stride-1
+    conv on its 2x2 space-to-depth rearrangement, the kernel zero-padded to even size."""
+
+    def conv_gemm(x, kernel, strides, pads, precision=None):
+        kh, kw, cin, cout = kernel.shape
+        if tuple(strides) != (2, 2) or cin > 4 or kh == 1:
+            return original(x, kernel, strides, pads, precision)
+        x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+        n, h, w, _ = x.shape
+        ho, wo = (h - kh) // 2 + 1, (w - kw) // 2 + 1
+        k2h, k2w = (kh + 1) // 2, (kw + 1) // 2
+        he, we = 2 * (ho - 1 + k2h), 2 * (wo - 1 + k2w)
+        x = jnp.pad(x, ((0, 0), (0, max(he - h, 0)), (0, max(we - w, 0)), (0, 0)))[:, :he, :we]
+        x = x.reshape(n, he // 2, 2, we // 2, 2, cin).transpose(0, 1, 3, 2, 4, 5)
+        x = x.reshape(n, he // 2, we // 2, 4 * cin)
+        kernel = jnp.pad(kernel, ((0, 2 * k2h - kh), (0, 2 * k2w - kw), (0, 0), (0, 0)))
+        kernel = kernel.reshape(k2h, 2, k2w, 2, cin, cout).transpose(0, 2, 1, 3, 4, 5)
+        kernel = kernel.reshape(k2h, k2w, 4 * cin, cout)
+        return original(x, kernel, (1, 1), ((0, 0), (0, 0)), precision)
+
+    return conv_gemm
+
+
+def two_sums(a, b, axes):
+    """``(sum a, sum b)`` over ``axes`` from one variadic reduction."""
+    zero = jnp.zeros((), a.dtype)
+    return lax.reduce((a, b), (zero, zero), lambda s, t: (s[0] + t[0], s[1] + t[1]), axes)
+
+
+def variadic_statistics(x, weight):
+    """``batchnorm._statistics`` with both sums from one variadic reduction."""
+    height, width = x.shape[1:3]
+    count = jnp.maximum(jnp.sum(weight) * (height * width), 1.0)
+    sums, sums_of_squares = two_sums(x, x * x, (1, 2))
+    mean = jnp.sum(sums * weight[:, None], axis=0) / count
+    raw_var = jnp.sum(sums_of_squares * weight[:, None], axis=0) / count - mean * mean
+    return mean, jnp.maximum(0.0, raw_var), raw_var, count
+
+
+def variadic_backward(epsilon, relu, residuals, cotangents):
+    """``batchnorm._backward`` with its two sums from one variadic reduction."""
+    x, gate, scale, weight, mean, var, raw_var, count = residuals
+    d_out, d_mean, d_var = cotangents
+    inv_sigma = lax.rsqrt(var + epsilon)
+    x_hat = x * inv_sigma - mean * inv_sigma
+    if relu:
+        d_out = jnp.where(gate > 0, d_out, 0.0)
+    sum_d_out, sum_d_out_x_hat = two_sums(d_out, d_out * x_hat, (0, 1, 2))
+    var_gate = jnp.where(raw_var > 0, 1.0, jnp.where(raw_var == 0, 0.5, 0.0))
+    d_var_total = var_gate * (d_var - 0.5 * scale * inv_sigma * inv_sigma * sum_d_out_x_hat)
+    d_mean_total = d_mean - scale * inv_sigma * sum_d_out
+    counted = weight[:, None, None, None] / count
+    d_x = scale * inv_sigma * d_out + counted * (d_mean_total + 2.0 * d_var_total * (x - mean))
+    return d_x, d_mean, sum_d_out_x_hat, sum_d_out, jnp.zeros_like(weight)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def variadic_normalize_batch(x, input_bias, scale, bias, weight, epsilon, relu):
+    return batchnorm._forward(x, input_bias, scale, bias, weight, epsilon, relu)[0]
+
+
+variadic_normalize_batch.defvjp(batchnorm._forward, variadic_backward)
+
+
+class NoInferenceBatchNorm(batchnorm.BatchNorm):
+    def __call__(self, x, input_bias=None, *, mask=None, relu=False):
+        if not self.use_running_average or self.is_initializing():  # init creates the variables
+            return super().__call__(x, input_bias, mask=mask, relu=relu)
+        return jnp.maximum(x, 0.0) if relu else x
+
+
+def xla_conv_at_stages_3_4(original):
+    def conv2d(x, kernel, strides=(1, 1), padding="VALID", impl="auto", precision="highest"):
+        if kernel.shape[:2] == (3, 3) and 4 <= x.shape[1] <= 8:
+            impl = "xla"
+        return original(x, kernel, strides, padding, impl, precision)
+    return conv2d
+
+
+@contextlib.contextmanager
+def patched(variant: str | None):
+    """The modules as ``variant`` has them, while the variant is traced and compiled."""
+    saved = (conv.patches_times_kernel, conv.conv_gemm, conv.conv2d, batchnorm._statistics,
+             batchnorm.normalize_batch, batchnorm.BatchNorm)
+    if variant in ("variadic-batchnorm-forward-sums", "variadic-batchnorm-sums"):
+        batchnorm._statistics = variadic_statistics
+    if variant == "variadic-batchnorm-sums":
+        batchnorm.normalize_batch = variadic_normalize_batch
+    if variant == "no-inference-batchnorm":
+        batchnorm.BatchNorm = NoInferenceBatchNorm
+    elif variant == "xla-conv-stages-3-4":
+        conv.conv2d = xla_conv_at_stages_3_4(saved[2])
+    elif variant == "copied-kernels":
+        conv.patches_times_kernel = plain_product
+    elif variant == "transposed-kernel-gradients":
+        conv.patches_times_kernel = transposed_gradient_product
+    elif variant == "space-to-depth-stem":
+        conv.conv_gemm = space_to_depth_gemm(saved[1])
+    try:
+        yield
+    finally:
+        (conv.patches_times_kernel, conv.conv_gemm, conv.conv2d, batchnorm._statistics,
+         batchnorm.normalize_batch, batchnorm.BatchNorm) = saved
+
+
+def make_step(variant: str | None):
+    """``train.train_step`` for the current code; for the step variants, the same computation
+    written out here with its one change."""
+    if variant not in ("no-mask", "minimal-update"):
+        return functools.partial(train.train_step, num_classes=6)
+
+    def step(state, batch, rng):
+        del rng
+        images = input_pipeline.normalize(batch["image"])
+        labels, mask = batch["label"], batch["mask"]
+
+        def loss_fn(params):
+            logits, updates = state.apply_fn(
+                {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+                mask=None if variant == "no-mask" else mask, mutable=["batch_stats"])
+            per_example = train.cross_entropy(logits, labels, 6)
+            return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1), updates["batch_stats"]
+
+        grads, batch_stats = jax.grad(loss_fn, has_aux=True)(state.params)
+        if variant == "minimal-update":
+            params = jax.tree.map(lambda p, g: p + 0.0 * g[(0,) * g.ndim], state.params, grads)
+            return state.replace(params=params, batch_stats=batch_stats), {}
+        return state.apply_gradients(grads=grads, batch_stats=batch_stats), {}
+
+    return step
+
+
+def build(variant: str | None):
+    """Compiled 4-step chunk and evaluation for ``variant`` (None: the current code), their state
+    and inputs."""
+    step = make_step(variant)
+
+    def chunk(state, batches):
+        def one(i, state):
+            batch = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), batches)
+            return step(state, batch, jax.random.key(0))[0]
+        return lax.fori_loop(0, STEPS, one, state)
+
+    with patched(variant):
+        model, state, batch = gemm_resnet50_state_and_batch()
+        batches = jax.tree.map(lambda a: jnp.stack([a] * STEPS), batch)
+        train_chunk = jax.jit(chunk, donate_argnums=0).lower(state, batches).compile()
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        evaluate = jax.jit(train.make_evaluate(model.apply, 6)).lower(variables, batches).compile()
+    state = train_chunk(state, batches)  # warm-up (the old state's buffers are donated)
+    jax.block_until_ready(evaluate({"params": state.params, "batch_stats": state.batch_stats}, batches))
+    return {"chunk": train_chunk, "evaluate": evaluate, "state": state, "batches": batches}
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def best_and_median(times: list[float]) -> tuple[float, float]:
+    ordered = sorted(times)
+    return ordered[0], ordered[len(ordered) // 2]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=VARIANTS, required=True)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--out", help="append the result to this Markdown file")
+    args = parser.parse_args()
+
+    started = datetime.datetime.now(datetime.timezone.utc)
+    runs = {"current code": build(None), args.variant: build(args.variant)}
+    train_s = {name: [] for name in runs}
+    eval_s = {name: [] for name in runs}
+    for round_index in range(args.rounds):
+        order = list(runs) if round_index % 2 == 0 else list(reversed(runs))
+        for name in order:
+            run = runs[name]
+            start = time.perf_counter()
+            run["state"] = run["chunk"](run["state"], run["batches"])
+            jax.block_until_ready(run["state"])
+            train_s[name].append((time.perf_counter() - start) / STEPS)
+            variables = {"params": run["state"].params, "batch_stats": run["state"].batch_stats}
+            start = time.perf_counter()
+            jax.block_until_ready(run["evaluate"](variables, run["batches"]))
+            eval_s[name].append((time.perf_counter() - start) / STEPS)
+
+    lines = [f"## `{args.variant}`", "",
+             f"`python experiments/ab_chunk.py --variant {args.variant} --rounds {args.rounds}`, "
+             f"{started:%Y-%m-%d %H:%M} UTC, {len(os.sched_getaffinity(0))} cores "
+             f"({cpu_name()}), jax {jax.__version__}; load average after "
+             f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}.", "",
+             "| code | train step ms (best / median) | eval batch of 32 ms (best / median) |", "|---|---|---|"]
+    for name in runs:
+        (tb, tm), (eb, em) = best_and_median(train_s[name]), best_and_median(eval_s[name])
+        lines.append(f"| {name} | {tb * 1e3:.1f} / {tm * 1e3:.1f} | {eb * 1e3:.1f} / {em * 1e3:.1f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
