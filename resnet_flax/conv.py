@@ -100,7 +100,7 @@ def patches_times_kernel(patches: jax.Array, kernel: jax.Array, precision: str |
     A training step reads each kernel twice (forward product, input gradient) and then overwrites
     it with the optimizer's update. Nothing orders the input gradient's read before that write,
     so XLA's copy insertion, which runs before scheduling, copied every kernel at the start of
-    every step (94 MB for ResNet-50, ~4% of a CPU step; an ``optimization_barrier`` does not help,
+    every step (94 MB for ResNet-50, 2-4% of a CPU step; an ``optimization_barrier`` does not help,
     XLA:CPU removes it first). Here the kernel gradient takes ``0 * d_patches[0, 0]``, one entry of
     the input gradient, which orders it (and so the update) after the read. Adding 0 changes no bit
     (unless that entry is not finite, and then the gradients below this layer are broken anyway).
