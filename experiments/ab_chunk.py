@@ -24,7 +24,7 @@ Variants (each names what it changes against the current code):
 * ``no-inference-batchnorm``: in evaluation, each BatchNorm left out (the ReLU kept): what its
   affine costs there, i.e. what folding it into the kernels could at most save.
 * ``xla-conv-stages-3-4``: the 3x3 convs at 4x4 to 8x8 pixels by XLA's convolution instead of
-  im2col + product (alone ~10% faster at those shapes, forward only).
+  im2col + product (alone about as fast at those shapes, forward only).
 
     python experiments/ab_chunk.py --variant copied-kernels          # ~2 minutes
     python experiments/ab_chunk.py --variant no-mask --rounds 20 --out experiments/ab_chunk.md
@@ -52,8 +52,7 @@ from step_inputs import gemm_resnet50_state_and_batch
 STEPS = 4
 VARIANTS = ("copied-kernels", "no-mask", "minimal-update", "transposed-kernel-gradients",
             "space-to-depth-stem", "variadic-batchnorm-forward-sums", "variadic-batchnorm-sums",
-            "no-inference-batchnorm",
-            "xla-conv-stages-3-4")
+            "no-inference-batchnorm", "xla-conv-stages-3-4")
 
 
 def plain_product(patches, kernel, precision):
@@ -66,23 +65,26 @@ def transposed_gradient_product(patches, kernel, precision):
 
 
 def _transposed_fwd(patches, kernel, precision):
-    return jnp.matmul(patches, kernel, precision=precision), (patches, kernel)
+    kept_kernel = kernel.value if patches.perturbed else None  # as conv.patches_times_kernel
+    return jnp.matmul(patches.value, kernel.value, precision=precision), (patches.value, kept_kernel)
 
 
 def _transposed_bwd(precision, residuals, d_out):
     patches, kernel = residuals
     rows, width = patches.shape
-    if rows >= 2048 and width >= 2 * d_out.shape[1]:
+    if kernel is not None and rows >= 2048 and width >= 2 * d_out.shape[1]:
         # The barriers keep XLA from folding the transposes back into one Eigen product.
         d_out_t = lax.optimization_barrier(d_out.T)
         d_kernel = lax.optimization_barrier(jnp.matmul(d_out_t, patches, precision=precision)).T
     else:
         d_kernel = jnp.matmul(patches.T, d_out, precision=precision)
+    if kernel is None:
+        return None, d_kernel
     d_patches = jnp.matmul(d_out, kernel.T, precision=precision)
     return d_patches, d_kernel + 0.0 * d_patches[0, 0]
 
 
-transposed_gradient_product.defvjp(_transposed_fwd, _transposed_bwd)
+transposed_gradient_product.defvjp(_transposed_fwd, _transposed_bwd, symbolic_zeros=True)
 
 
 def space_to_depth_gemm(original):
