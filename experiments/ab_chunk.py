@@ -13,7 +13,7 @@ Variants (each names what it changes against the current code):
 * ``no-mask``: BatchNorm without the padding mask.
 * ``minimal-update``: Adam replaced by ``p + 0 * g[0]``, an in-place pass over each parameter that
   still waits for every gradient: what Adam itself costs.
-* ``transposed-kernel-gradients``: the kernel gradients of stages 2-3 (at least 2048 rows, patches
+* ``transposed-kernel-gradients``: the kernel gradients of stages 2-3 (2048 to 8192 rows, patches
   at least twice as wide as the output) as ``(d_out^T @ patches)^T`` with ``d_out^T`` materialised,
   which XLA:CPU runs as plain YNNPACK products instead of Eigen's transposed ones.
 * ``space-to-depth-stem``: the 7x7/2 stem as a 4x4/1 conv on a space-to-depth input (12-float runs
@@ -59,32 +59,19 @@ def plain_product(patches, kernel, precision):
     return jnp.matmul(patches, kernel, precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def transposed_gradient_product(patches, kernel, precision):
-    return jnp.matmul(patches, kernel, precision=precision)
+def transposed_kernel_gradient(original):
+    """``conv.kernel_gradient`` that, for stages 2-3, multiplies a materialised ``d_out^T`` by the
+    patches (a plain product) and transposes the small result."""
 
-
-def _transposed_fwd(patches, kernel, precision):
-    kept_kernel = kernel.value if patches.perturbed else None  # as conv.patches_times_kernel
-    return jnp.matmul(patches.value, kernel.value, precision=precision), (patches.value, kept_kernel)
-
-
-def _transposed_bwd(precision, residuals, d_out):
-    patches, kernel = residuals
-    rows, width = patches.shape
-    if kernel is not None and rows >= 2048 and width >= 2 * d_out.shape[1]:
+    def kernel_gradient(patches, d_out, precision):
+        rows, width = patches.shape
+        if not (2048 <= rows <= 8192 and width >= 2 * d_out.shape[1]):
+            return original(patches, d_out, precision)
         # The barriers keep XLA from folding the transposes back into one Eigen product.
         d_out_t = lax.optimization_barrier(d_out.T)
-        d_kernel = lax.optimization_barrier(jnp.matmul(d_out_t, patches, precision=precision)).T
-    else:
-        d_kernel = jnp.matmul(patches.T, d_out, precision=precision)
-    if kernel is None:
-        return None, d_kernel
-    d_patches = jnp.matmul(d_out, kernel.T, precision=precision)
-    return d_patches, d_kernel + 0.0 * d_patches[0, 0]
+        return lax.optimization_barrier(jnp.matmul(d_out_t, patches, precision=precision)).T
 
-
-transposed_gradient_product.defvjp(_transposed_fwd, _transposed_bwd, symbolic_zeros=True)
+    return kernel_gradient
 
 
 def space_to_depth_gemm(original):
@@ -111,45 +98,17 @@ def space_to_depth_gemm(original):
     return conv_gemm
 
 
-def two_sums(a, b, axes):
-    """``(sum a, sum b)`` over ``axes`` from one variadic reduction."""
-    zero = jnp.zeros((), a.dtype)
-    return lax.reduce((a, b), (zero, zero), lambda s, t: (s[0] + t[0], s[1] + t[1]), axes)
+def variadic_two_sums(original, axes_to_change=None):
+    """``batchnorm._two_sums`` as one variadic reduction (for every call, or only for the reduction
+    over ``axes_to_change``)."""
 
+    def two_sums(a, b, axes):
+        if axes_to_change is not None and tuple(axes) != axes_to_change:
+            return original(a, b, axes)
+        zero = jnp.zeros((), a.dtype)
+        return lax.reduce((a, b), (zero, zero), lambda s, t: (s[0] + t[0], s[1] + t[1]), axes)
 
-def variadic_statistics(x, weight):
-    """``batchnorm._statistics`` with both sums from one variadic reduction."""
-    height, width = x.shape[1:3]
-    count = jnp.maximum(jnp.sum(weight) * (height * width), 1.0)
-    sums, sums_of_squares = two_sums(x, x * x, (1, 2))
-    mean = jnp.sum(sums * weight[:, None], axis=0) / count
-    raw_var = jnp.sum(sums_of_squares * weight[:, None], axis=0) / count - mean * mean
-    return mean, jnp.maximum(0.0, raw_var), raw_var, count
-
-
-def variadic_backward(epsilon, relu, residuals, cotangents):
-    """``batchnorm._backward`` with its two sums from one variadic reduction."""
-    x, gate, scale, weight, mean, var, raw_var, count = residuals
-    d_out, d_mean, d_var = cotangents
-    inv_sigma = lax.rsqrt(var + epsilon)
-    x_hat = x * inv_sigma - mean * inv_sigma
-    if relu:
-        d_out = jnp.where(gate > 0, d_out, 0.0)
-    sum_d_out, sum_d_out_x_hat = two_sums(d_out, d_out * x_hat, (0, 1, 2))
-    var_gate = jnp.where(raw_var > 0, 1.0, jnp.where(raw_var == 0, 0.5, 0.0))
-    d_var_total = var_gate * (d_var - 0.5 * scale * inv_sigma * inv_sigma * sum_d_out_x_hat)
-    d_mean_total = d_mean - scale * inv_sigma * sum_d_out
-    counted = weight[:, None, None, None] / count
-    d_x = scale * inv_sigma * d_out + counted * (d_mean_total + 2.0 * d_var_total * (x - mean))
-    return d_x, d_mean, sum_d_out_x_hat, sum_d_out, jnp.zeros_like(weight)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def variadic_normalize_batch(x, input_bias, scale, bias, weight, epsilon, relu):
-    return batchnorm._forward(x, input_bias, scale, bias, weight, epsilon, relu)[0]
-
-
-variadic_normalize_batch.defvjp(batchnorm._forward, variadic_backward)
+    return two_sums
 
 
 class NoInferenceBatchNorm(batchnorm.BatchNorm):
@@ -167,30 +126,35 @@ def xla_conv_at_stages_3_4(original):
     return conv2d
 
 
+def replacements(variant: str | None) -> list[tuple[object, str, object]]:
+    """``(module, attribute, replacement)`` for what ``variant`` changes in the package."""
+    table = {
+        "copied-kernels": [(conv, "patches_times_kernel", plain_product)],
+        "transposed-kernel-gradients": [
+            (conv, "kernel_gradient", transposed_kernel_gradient(conv.kernel_gradient))],
+        "space-to-depth-stem": [(conv, "conv_gemm", space_to_depth_gemm(conv.conv_gemm))],
+        "xla-conv-stages-3-4": [(conv, "conv2d", xla_conv_at_stages_3_4(conv.conv2d))],
+        "variadic-batchnorm-forward-sums": [
+            (batchnorm, "_two_sums", variadic_two_sums(batchnorm._two_sums, axes_to_change=(1, 2)))],
+        "variadic-batchnorm-sums": [(batchnorm, "_two_sums", variadic_two_sums(batchnorm._two_sums))],
+        "no-inference-batchnorm": [(batchnorm, "BatchNorm", NoInferenceBatchNorm)],
+    }
+    return table.get(variant, [])
+
+
 @contextlib.contextmanager
 def patched(variant: str | None):
-    """The modules as ``variant`` has them, while the variant is traced and compiled."""
-    saved = (conv.patches_times_kernel, conv.conv_gemm, conv.conv2d, batchnorm._statistics,
-             batchnorm.normalize_batch, batchnorm.BatchNorm)
-    if variant in ("variadic-batchnorm-forward-sums", "variadic-batchnorm-sums"):
-        batchnorm._statistics = variadic_statistics
-    if variant == "variadic-batchnorm-sums":
-        batchnorm.normalize_batch = variadic_normalize_batch
-    if variant == "no-inference-batchnorm":
-        batchnorm.BatchNorm = NoInferenceBatchNorm
-    elif variant == "xla-conv-stages-3-4":
-        conv.conv2d = xla_conv_at_stages_3_4(saved[2])
-    elif variant == "copied-kernels":
-        conv.patches_times_kernel = plain_product
-    elif variant == "transposed-kernel-gradients":
-        conv.patches_times_kernel = transposed_gradient_product
-    elif variant == "space-to-depth-stem":
-        conv.conv_gemm = space_to_depth_gemm(saved[1])
+    """The package as ``variant`` has it, while the variant is traced and compiled (the functions
+    replaced are looked up when the model is traced)."""
+    changes = replacements(variant)
+    saved = [(module, name, getattr(module, name)) for module, name, _ in changes]
+    for module, name, replacement in changes:
+        setattr(module, name, replacement)
     try:
         yield
     finally:
-        (conv.patches_times_kernel, conv.conv_gemm, conv.conv2d, batchnorm._statistics,
-         batchnorm.normalize_batch, batchnorm.BatchNorm) = saved
+        for module, name, original in saved:
+            setattr(module, name, original)
 
 
 def make_step(variant: str | None):

@@ -115,9 +115,14 @@ def _patches_times_kernel_fwd(patches, kernel, precision):
     return patches_times_kernel(patches.value, kernel.value, precision), (patches.value, kept_kernel)
 
 
+def kernel_gradient(patches: jax.Array, d_out: jax.Array, precision: str | None) -> jax.Array:
+    """``patches^T @ d_out``: the product's gradient for the kernel."""
+    return jnp.matmul(patches.T, d_out, precision=precision)
+
+
 def _patches_times_kernel_bwd(precision, residuals, d_out):
     patches, kernel = residuals
-    d_kernel = jnp.matmul(patches.T, d_out, precision=precision)
+    d_kernel = kernel_gradient(patches, d_out, precision)
     if kernel is None:
         return None, d_kernel
     d_patches = jnp.matmul(d_out, kernel.T, precision=precision)
