@@ -1,4 +1,4 @@
-"""In-process A/B of the 'gemm' ResNet-50 training chunk and evaluation against a variant (issue 5).
+"""In-process A/B of the CPU default ResNet-50 training chunk and evaluation against a variant (issue 5).
 
 This machine's speed drifts by several percent from minute to minute, more than most of the
 changes tried in issue 5 are worth, so comparing separate processes says little. This script builds
@@ -6,7 +6,15 @@ the current code and one variant in the same process (each compiled once, for 4-
 batch 32, from its own train state), then alternates their calls round by round (the order flips
 each round) and reports best and median seconds per training step and per evaluation batch.
 
-Variants (each names what it changes against the current code):
+The current code is the default configuration ('auto' conv: 'winograd' on CPU since session 7;
+the variants before ``im2col-3x3`` were measured against 'gemm', the default then). Variants (each
+names what it changes against the current code):
+
+* ``im2col-3x3``: every 3x3 convolution by im2col + product ('gemm', the default before session 7)
+  instead of Winograd.
+* ``winograd-f2-only``: F(2x2, 3x3) on every map of at least 4x4 pixels (no F(4x4, 3x3)).
+* ``winograd-f4-at-4x4``: F(4x4, 3x3) at 4x4 pixels too (one 6x6 tile per image).
+* ``winograd-f2-at-2x2``: F(2x2, 3x3) at 2x2 pixels too (ResNet-50's last stage).
 
 * ``copied-kernels``: the conv product as a plain ``jnp.matmul``, as before session 6: XLA then
   copies every kernel at the start of each step (see ``conv.patches_times_kernel``).
@@ -47,10 +55,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from resnet_flax import batchnorm, conv, input_pipeline, train
-from step_inputs import gemm_resnet50_state_and_batch
+from step_inputs import resnet50_state_and_batch
 
 STEPS = 4
-VARIANTS = ("copied-kernels", "no-mask", "minimal-update", "transposed-kernel-gradients",
+VARIANTS = ("im2col-3x3", "winograd-f2-only", "winograd-f4-at-4x4", "winograd-f2-at-2x2",
+            "copied-kernels", "no-mask", "minimal-update", "transposed-kernel-gradients",
             "space-to-depth-stem", "variadic-batchnorm-forward-sums", "variadic-batchnorm-sums",
             "no-inference-batchnorm", "xla-conv-stages-3-4")
 
@@ -126,9 +135,25 @@ def xla_conv_at_stages_3_4(original):
     return conv2d
 
 
+def winograd_tiles(rule):
+    """``conv.winograd_tile_size`` with the tile for a map's smaller side given by ``rule``."""
+    original = conv.winograd_tile_size
+
+    def winograd_tile_size(kernel_shape, strides, pads, spatial):
+        if original(kernel_shape, strides, pads, (15, 15)) is None:  # not a 3x3 'same' stride 1
+            return None
+        return rule(min(spatial))
+    return winograd_tile_size
+
+
 def replacements(variant: str | None) -> list[tuple[object, str, object]]:
     """``(module, attribute, replacement)`` for what ``variant`` changes in the package."""
     table = {
+        "im2col-3x3": [(conv, "winograd_tile_size", winograd_tiles(lambda side: None))],
+        "winograd-f2-only": [(conv, "winograd_tile_size", winograd_tiles(lambda side: 2 if side >= 4 else None))],
+        "winograd-f4-at-4x4": [(conv, "winograd_tile_size", winograd_tiles(lambda side: 4 if side >= 4 else None))],
+        "winograd-f2-at-2x2": [(conv, "winograd_tile_size",
+                                winograd_tiles(lambda side: 4 if side >= 8 else 2 if side >= 2 else None))],
         "copied-kernels": [(conv, "patches_times_kernel", plain_product)],
         "transposed-kernel-gradients": [
             (conv, "kernel_gradient", transposed_kernel_gradient(conv.kernel_gradient))],
@@ -196,7 +221,7 @@ def build(variant: str | None):
         return lax.fori_loop(0, STEPS, one, state)
 
     with patched(variant):
-        model, state, batch = gemm_resnet50_state_and_batch()
+        model, state, batch = resnet50_state_and_batch("auto")
         batches = jax.tree.map(lambda a: jnp.stack([a] * STEPS), batch)
         train_chunk = jax.jit(chunk, donate_argnums=0).lower(state, batches).compile()
         variables = {"params": state.params, "batch_stats": state.batch_stats}

@@ -1,5 +1,5 @@
-"""What the step benchmarks share: the assignment's ResNet-50 ('gemm' conv) with a fresh train
-state, one random SIGNS-shaped batch of 32 (uint8 images, labels, an all-true mask), and a timer."""
+"""What the step benchmarks share: the assignment's ResNet-50 with a fresh train state, one random
+SIGNS-shaped batch of 32 (uint8 images, labels, an all-true mask), and a timer."""
 
 import time
 from collections.abc import Callable
@@ -11,9 +11,9 @@ from resnet_flax import config as config_lib
 from resnet_flax import models, runtime, train
 
 
-def gemm_resnet50_state_and_batch(batch_size: int = 32):
+def resnet50_state_and_batch(conv_impl: str, batch_size: int = 32):
     config = config_lib.default_config()
-    config.conv_impl = "gemm"
+    config.conv_impl = conv_impl
     model = models.model_from_config(config)
     state = train.create_train_state(config, model, 34, runtime.make_mesh())
     rng = np.random.default_rng(0)

@@ -74,9 +74,9 @@ def step_worker(variant: str, reps: int) -> dict:
 
         batchnorm.BatchNorm = FlaxBatchNorm
     from resnet_flax import input_pipeline
-    from step_inputs import best_and_median, gemm_resnet50_state_and_batch
+    from step_inputs import best_and_median, resnet50_state_and_batch
 
-    _, state, batch = gemm_resnet50_state_and_batch()
+    _, state, batch = resnet50_state_and_batch("gemm")
 
     def step(state, batch):
         images = input_pipeline.normalize(batch["image"])

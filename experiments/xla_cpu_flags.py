@@ -38,9 +38,9 @@ def worker(reps: int) -> dict:
     import jax
 
     from resnet_flax import input_pipeline, train
-    from step_inputs import best_and_median, gemm_resnet50_state_and_batch
+    from step_inputs import best_and_median, resnet50_state_and_batch
 
-    model, state, batch = gemm_resnet50_state_and_batch()
+    model, state, batch = resnet50_state_and_batch("gemm")
     key = jax.random.key(0)
     step = jax.jit(functools.partial(train.train_step, num_classes=6), donate_argnums=0)
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Both convolution implementations against a direct NumPy convolution with TensorFlow padding."""
+"""The convolution implementations against a direct NumPy convolution with TensorFlow padding."""
 
 import itertools
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_flax import conv
+from resnet_flax import conv, winograd
 
 
 def reference_conv(x, kernel, strides, padding):
@@ -51,7 +51,7 @@ def test_implementations_match_reference_and_each_other(x_shape, k_shape, stride
             return jnp.sum(jnp.sin(conv.conv2d(x, k, strides, padding, impl)))
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
 
-    outputs = {impl: conv.conv2d(x, kernel, strides, padding, impl) for impl in ("xla", "gemm")}
+    outputs = {impl: conv.conv2d(x, kernel, strides, padding, impl) for impl in ("xla", "gemm", "winograd")}
     for impl, out in outputs.items():
         np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4, err_msg=impl)
     (vx, gx), (vg, gg) = loss("xla")(x, kernel), loss("gemm")(x, kernel)
@@ -86,4 +86,75 @@ def test_tensorflow_same_padding_puts_the_extra_pixel_after():
 
 def test_unknown_implementation_is_rejected():
     with pytest.raises(ValueError, match="conv_impl"):
-        conv.resolve_impl("winograd")
+        conv.resolve_impl("fft")
+
+
+# ---------------------------------------------------------------------------------------------
+# Winograd: F(2x2, 3x3) and F(4x4, 3x3) on the maps ResNet-50 has (15x15 and 8x8 take F(4x4),
+# 4x4 F(2x2)), odd sizes that leave a partial tile, and unequal channel counts.
+
+WINOGRAD_CASES = [(15, 4), (8, 4), (7, 2), (4, 2), (5, 4), (6, 2)]
+
+
+def sin_loss_and_grads(conv_fn):
+    return jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(conv_fn(x, k))), argnums=(0, 1)))
+
+
+def reference_sin_loss_grads(x, kernel):
+    """Gradients of sum(sin(conv(x, kernel))), 3x3 'same', in float64 by NumPy: the kernel's from
+    the definition, the input's as the adjoint sum over taps."""
+    y = reference_conv(x, kernel, (1, 1), "SAME")
+    d_out = np.cos(y)
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h, w = x.shape[1:3]
+    d_kernel = np.zeros_like(kernel)
+    d_padded = np.zeros_like(padded)
+    for i, j in itertools.product(range(3), range(3)):
+        d_kernel[i, j] = np.einsum("nhwc,nhwo->co", padded[:, i:i + h, j:j + w], d_out)
+        d_padded[:, i:i + h, j:j + w] += d_out @ kernel[i, j].T
+    return y, d_padded[:, 1:-1, 1:-1], d_kernel
+
+
+@pytest.mark.parametrize("side, tile_size", WINOGRAD_CASES)
+def test_winograd_matches_the_reference_within_its_error_bound(side, tile_size):
+    rng = np.random.default_rng(side)
+    x = rng.standard_normal((2, side, side, 16)).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, 16, 24)).astype(np.float32) / 12
+    y, d_x, d_kernel = reference_sin_loss_grads(x.astype(np.float64), kernel.astype(np.float64))
+
+    out = winograd.conv3x3_same(x, kernel, tile_size, "highest")
+    direct = conv.conv2d(x, kernel, padding="SAME", impl="xla")
+    _, (wx, wk) = sin_loss_and_grads(lambda x, k: winograd.conv3x3_same(x, k, tile_size, "highest"))(x, kernel)
+    # Errors relative to each result's scale. The direct sum's error here is ~1e-7; F(2x2, 3x3)
+    # stays within a few times that, F(4x4, 3x3) about ten times it (its coefficients reach 8).
+    bound = 1e-6 if tile_size == 2 else 1e-5
+    for name, got, want in [("output", out, y), ("input gradient", wx, d_x), ("kernel gradient", wk, d_kernel)]:
+        error = np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
+        assert error < bound, f"{name}: relative error {error:.1e}"
+    assert np.abs(np.asarray(direct, np.float64) - y).max() / np.abs(y).max() < 1e-6
+
+
+def test_winograd_implementation_picks_its_tiles_and_keeps_im2col_elsewhere():
+    same3 = ((1, 1), (1, 1))
+    assert conv.winograd_tile_size((3, 3, 8, 8), (1, 1), same3, (15, 15)) == 4
+    assert conv.winograd_tile_size((3, 3, 8, 8), (1, 1), same3, (8, 8)) == 4
+    assert conv.winograd_tile_size((3, 3, 8, 8), (1, 1), same3, (4, 7)) == 2
+    assert conv.winograd_tile_size((3, 3, 8, 8), (1, 1), same3, (2, 2)) is None
+    assert conv.winograd_tile_size((3, 3, 8, 8), (2, 2), same3, (15, 15)) is None
+    assert conv.winograd_tile_size((3, 3, 8, 8), (1, 1), ((0, 0), (0, 0)), (15, 15)) is None
+    assert conv.winograd_tile_size((1, 1, 8, 8), (1, 1), ((0, 0), (0, 0)), (15, 15)) is None
+
+    rng = np.random.default_rng(3)
+    kernel = rng.standard_normal((3, 3, 4, 4)).astype(np.float32)
+    for side, tile_size in [(8, 4), (4, 2)]:
+        x = rng.standard_normal((1, side, side, 4)).astype(np.float32)
+        np.testing.assert_array_equal(conv.conv2d(x, kernel, padding="SAME", impl="winograd"),
+                                      winograd.conv3x3_same(x, kernel, tile_size, "highest"))
+    x = rng.standard_normal((1, 2, 2, 4)).astype(np.float32)
+    np.testing.assert_array_equal(conv.conv2d(x, kernel, padding="SAME", impl="winograd"),
+                                  conv.conv2d(x, kernel, padding="SAME", impl="gemm"))
+
+
+def test_auto_is_winograd_on_cpu():
+    assert jax.default_backend() == "cpu"
+    assert conv.resolve_impl("auto") == "winograd"

@@ -131,13 +131,13 @@ def products(jaxpr) -> list:
     return found
 
 
-@pytest.mark.parametrize("conv_impl", ["xla", "gemm"])
+@pytest.mark.parametrize("conv_impl", ["xla", "gemm", "winograd"])
 @pytest.mark.parametrize("precision", ["highest", "default"])
 def test_every_conv_and_matmul_runs_at_the_model_precision(conv_impl, precision):
     # On a GPU, float32 products default to TensorFloat-32 (about 3 significant digits); the model
     # asks for its precision explicitly in every layer, forward and backward.
     model = models.create_model("resnet_tiny", num_classes=6, conv_impl=conv_impl, precision=precision)
-    x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)  # 15x15 and 8x8 maps: Winograd's size
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
 
     def loss(params, batch_stats, x):

@@ -120,11 +120,13 @@ def test_evaluation_of_a_partial_last_batch_equals_unpadded(tiny_setup):
     np.testing.assert_allclose(padded["loss"], unpadded["loss"], rtol=1e-6)
 
 
-def test_training_step_updates_conv_kernels_in_place():
-    """XLA must not copy the donated kernels each step (conv.patches_times_kernel orders the
-    input gradient's read of a kernel before the optimizer overwrites it)."""
+@pytest.mark.parametrize("conv_impl", ["gemm", "winograd"])
+def test_training_step_updates_conv_kernels_in_place(conv_impl):
+    """XLA must not copy the donated kernels each step (conv.patches_times_kernel and
+    winograd.conv3x3_same order the input gradient's read of a kernel before the optimizer
+    overwrites it)."""
     config = smoke_config(batch_size=4)
-    model = models.create_model(config.model, num_classes=6, conv_impl="gemm")
+    model = models.create_model(config.model, num_classes=6, conv_impl=conv_impl)
     state = train.create_train_state(config, model, steps_per_epoch=10)
     batch = {"image": jnp.zeros((4, 64, 64, 3), jnp.uint8), "label": jnp.zeros((4,), jnp.int32),
              "mask": jnp.ones((4,), bool)}
