@@ -66,28 +66,24 @@ def _combine(matrix: np.ndarray, arrays: list[jax.Array]) -> list[jax.Array]:
     return rows
 
 
-def _tiles(x: jax.Array, window: int, step: int) -> list[list[jax.Array]]:
-    """``taps[i][j]``: pixel (i, j) of every ``window`` x ``window`` tile of the NHWC ``x``, tiles
-    ``step`` apart: each a strided slice (N, tiles_h, tiles_w, C)."""
-    n, h, w, c = x.shape
-    tiles_h, tiles_w = (h - window) // step + 1, (w - window) // step + 1
-
-    def tap(i: int, j: int) -> jax.Array:
-        limit = (n, i + step * (tiles_h - 1) + 1, j + step * (tiles_w - 1) + 1, c)
-        return lax.slice(x, (0, i, j, 0), limit, (1, step, step, 1))
-
-    return [[tap(i, j) for j in range(window)] for i in range(window)]
+def _strided(x: jax.Array, axis: int, start: int, count: int, step: int) -> jax.Array:
+    """``count`` slices of ``x`` along ``axis``, ``step`` apart, from ``start``."""
+    starts, limits, strides = [0] * x.ndim, list(x.shape), [1] * x.ndim
+    starts[axis], limits[axis], strides[axis] = start, start + step * (count - 1) + 1, step
+    return lax.slice(x, starts, limits, strides)
 
 
 def _transform_tiles(x: jax.Array, matrix: np.ndarray, step: int) -> jax.Array:
-    """Every tile of ``x`` (``matrix.shape[1]`` pixels a side, ``step`` apart) transformed on both
-    axes: (t, t, N, tiles_h, tiles_w, C). Row by row, so that no stack has more than 8 arrays
-    (XLA:CPU fuses a stack with the slices that feed it only up to 8 operands)."""
-    taps = _tiles(x, matrix.shape[1], step)
-    rows = [_combine(matrix, [taps[i][j] for i in range(len(taps))]) for j in range(len(taps))]
-    # rows[j][a]: column j of the tiles after the transform along i; now along j.
-    return jnp.stack([jnp.stack(_combine(matrix, [rows[j][a] for j in range(len(rows))]))
-                      for a in range(matrix.shape[0])])
+    """Every tile of the NHWC ``x`` (``matrix.shape[1]`` pixels a side, ``step`` apart) transformed
+    on both axes, ``matrix @ tile @ matrix^T``: (t, t, N, tiles_h, tiles_w, C).
+
+    Along the rows first, on strided row slices, then along the columns of each result; every stack
+    has at most 8 arrays (XLA:CPU fuses a stack with the slices that feed it only up to 8)."""
+    window = matrix.shape[1]
+    tiles_h, tiles_w = (x.shape[1] - window) // step + 1, (x.shape[2] - window) // step + 1
+    rows = _combine(matrix, [_strided(x, 1, i, tiles_h, step) for i in range(window)])
+    return jnp.stack([jnp.stack(_combine(matrix, [_strided(row, 2, j, tiles_w, step) for j in range(window)]))
+                      for row in rows])
 
 
 def _untile(m: jax.Array, output_matrix: np.ndarray) -> jax.Array:
