@@ -3,12 +3,12 @@
 One run measures, each configuration in its own subprocess one after the other (so threads and
 memory peaks do not mix):
 
-* ``jax-xla`` and ``jax-gemm``: this project's real training path -- ``train.create_train_state``,
+* ``jax-xla``, ``jax-gemm`` and ``jax-winograd``: this project's real training path -- ``train.create_train_state``,
   ``train.make_train_chunk`` (a loop over chunks of up to ``steps_per_chunk`` steps: 12, 11, 11
   for the 34 steps of a SIGNS epoch, after a first call of one step) on random uint8 images of
   SIGNS's shape (1080 x 64x64x3) gathered chunk by chunk, and ``train.make_evaluate`` for
   evaluation (batch 40 as the config has it, and batch 32). ResNet-50, batch 32, float32,
-  ``conv_impl`` 'xla' or 'gemm'.
+  ``conv_impl`` 'xla', 'gemm' or 'winograd' (the CPU default).
 * ``pytorch``: the same architecture in PyTorch on the CPU (experiments/peers/torch_resnet50.py).
 * ``keras``: the assignment's Keras model on Keras 3's JAX backend (experiments/peers/keras_resnet50.py).
 
@@ -48,7 +48,7 @@ PEERS = HERE / "peers"
 NUM_TRAIN, NUM_TEST, IMAGE_SIZE, NUM_CLASSES, BATCH = 1080, 120, 64, 6, 32
 STEPS_PER_EPOCH = -(-NUM_TRAIN // BATCH)  # 34: what a SIGNS epoch costs, the padded batch included
 GROUPS = ("jax", "torch", "keras")
-IMPLS = ("xla", "gemm")
+IMPLS = ("xla", "gemm", "winograd")
 
 
 # ---------------------------------------------------------------------------------------------

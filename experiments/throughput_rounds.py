@@ -1,11 +1,12 @@
-"""Paired rounds: this project's 'gemm' ResNet-50 against PyTorch, alternated, to read the ratios
-on a shared machine whose speed drifts from minute to minute (issue 5).
+"""Paired rounds: this project's ResNet-50 (the CPU default 'winograd', or ``--impl``) against
+PyTorch, alternated, to read the ratios on a shared machine whose speed drifts from minute to
+minute (issue 5).
 
 One ``experiments/throughput.py`` run measures each configuration once, about a minute apart, so a
 drift of the machine between the two shows up as a change of the ratio (the same code gave 91.4
 and 100.7 img/s in two runs five minutes apart). This script runs ``throughput.py``'s own workers
--- the JAX training path of config 'jax gemm' and the PyTorch peer -- one after the other, for
-``--rounds`` rounds, and reports every round's images/s and ratios and their medians. The
+-- the JAX training path of config 'jax winograd' (or 'jax gemm') and the PyTorch peer -- one
+after the other, for ``--rounds`` rounds, and reports every round's images/s and ratios and their medians. The
 cold/warm start and memory columns stay ``throughput.py``'s job.
 
     python experiments/throughput_rounds.py              # 5 rounds, ~6 minutes on 2 cores
@@ -22,9 +23,9 @@ from pathlib import Path
 from throughput import HERE, jax_worker_argv, load_average, machine_info, peer_worker_argv, run_worker
 
 
-def jax_gemm_round(steps: int) -> dict:
+def jax_round(impl: str, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as cache:
-        return run_worker("jax-gemm", jax_worker_argv("gemm", "highest", cache, steps))
+        return run_worker(f"jax-{impl}", jax_worker_argv(impl, "highest", cache, steps))
 
 
 def torch_round(steps: int) -> dict:
@@ -38,6 +39,7 @@ METRICS = (("train", "train_images_per_second"), ("eval b32", "eval_images_per_s
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--impl", choices=("winograd", "gemm"), default="winograd", help="conv_impl of our side")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per worker")
     parser.add_argument("--out", default=str(HERE / "throughput_rounds"), help="output path without suffix")
     args = parser.parse_args()
@@ -48,18 +50,18 @@ def main() -> int:
     load_before = load_average()
     rounds = []
     for index in range(args.rounds):
-        ours, peer = jax_gemm_round(args.steps), torch_round(args.steps)
+        ours, peer = jax_round(args.impl, args.steps), torch_round(args.steps)
         if "error" in ours or "error" in peer:
             print(f"round {index + 1} failed: {ours.get('error') or peer.get('error')}", file=sys.stderr)
             return 1
         rounds.append({name: (ours[key], peer[key]) for name, key in METRICS})
 
     lines = [
-        "# Paired rounds: resnet_flax 'gemm' vs PyTorch, alternated",
+        f"# Paired rounds: resnet_flax '{args.impl}' vs PyTorch, alternated",
         "",
-        f"`python experiments/throughput_rounds.py --rounds {args.rounds} --steps {args.steps}`, "
+        f"`python experiments/throughput_rounds.py --rounds {args.rounds} --steps {args.steps} --impl {args.impl}`, "
         f"{started:%Y-%m-%d %H:%M} - {datetime.datetime.now(datetime.timezone.utc):%H:%M} UTC. "
-        f"ResNet-50, batch 32, float32; each round runs `throughput.py`'s 'jax gemm' worker, then its "
+        f"ResNet-50, batch 32, float32; each round runs `throughput.py`'s 'jax {args.impl}' worker, then its "
         f"PyTorch worker (images/s, steady state). Load average before {load_before}, after {load_average()}.",
         "",
         "| round | " + " | ".join(f"{name} ours | {name} PyTorch | {name} ratio" for name, _ in METRICS) + " |",
