@@ -19,7 +19,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.num_classes = 6
     config.augment = False  # random shifts (4 px) and horizontal flips, on the device
 
-    # Model: one of resnet_flax.models.MODELS; conv 'auto' | 'xla' | 'gemm'.
+    # Model: one of resnet_flax.models.MODELS; conv 'auto' | 'xla' | 'gemm' | 'winograd'.
     config.model = "resnet50"
     config.conv_impl = "auto"
     # Conv and dense products: 'highest' = float32 on every backend (GPUs would otherwise use

@@ -127,7 +127,7 @@ class ResNet(nn.Module):
       stage_filters: (F1, F2, F3) of each stage.
       stem_features: filters of ``conv1``.
       kernel_size: the middle window ``f`` of every block.
-      conv_impl: 'auto', 'xla' or 'gemm' (see ``resnet_flax.conv``).
+      conv_impl: 'auto', 'xla', 'gemm' or 'winograd' (see ``resnet_flax.conv``).
       precision: matmul/conv precision of every conv and the dense layer: 'highest' (float32
         products on every backend), 'high' or 'default' (the backend's fastest, e.g. TF32 on GPU).
       residual: False builds the plain twin: the same layers without shortcut additions (the
