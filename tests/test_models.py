@@ -145,13 +145,27 @@ def test_every_conv_and_matmul_runs_at_the_model_precision(conv_impl, precision)
                                 mutable=["batch_stats"])
         return jnp.sum(logits)
 
-    forward = products(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x).jaxpr)
-    backward = products(jax.make_jaxpr(jax.grad(loss))(variables["params"], variables["batch_stats"], x).jaxpr)
+    def layers_and_kernel_transforms(jaxpr):
+        # Winograd's kernel transforms are products with a constant (t*t, 9) or (9, t*t) matrix;
+        # they always run at 'highest' (they are exact rearrangements of the kernel, not layers).
+        found = products(jaxpr)
+        transforms = [e for e in found if e.invars[0].aval.shape in {(16, 9), (36, 9), (9, 16), (9, 36)}]
+        return [e for e in found if e not in transforms], transforms
+
+    forward, forward_transforms = layers_and_kernel_transforms(
+        jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x).jaxpr)
+    backward, backward_transforms = layers_and_kernel_transforms(
+        jax.make_jaxpr(jax.grad(loss))(variables["params"], variables["batch_stats"], x).jaxpr)
     assert len(forward) == 9 + 1  # conv1, two blocks of four convs, fc6
     assert len(backward) > 2 * len(forward)  # forward again, plus input and weight gradients
+    # One 3x3 conv per block, at 15x15 and 8x8 pixels: Winograd transforms their kernels.
+    assert len(forward_transforms) == (2 if conv_impl == "winograd" else 0)
     expected = jax.lax.Precision.HIGHEST if precision == "highest" else jax.lax.Precision.DEFAULT
     for eqn in forward + backward:
         assert eqn.params["precision"] == (expected, expected), eqn
+    highest = jax.lax.Precision.HIGHEST
+    for eqn in forward_transforms + backward_transforms:
+        assert eqn.params["precision"] == (highest, highest), eqn
 
 
 def test_model_from_config_fills_fields_an_older_config_lacks():
