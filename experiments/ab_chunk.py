@@ -12,6 +12,8 @@ names what it changes against the current code):
 
 * ``im2col-3x3``: every 3x3 convolution by im2col + product ('gemm', the default before session 7)
   instead of Winograd.
+* ``kernel-transform-sums``: Winograd's kernel transforms ``G g G^T`` written out as sums of
+  taps (fused elementwise loops) instead of one product with ``kron(G, G)``.
 * ``winograd-f2-only``: F(2x2, 3x3) on every map of at least 4x4 pixels (no F(4x4, 3x3)).
 * ``winograd-f4-at-4x4``: F(4x4, 3x3) at 4x4 pixels too (one 6x6 tile per image).
 * ``winograd-f2-at-2x2``: F(2x2, 3x3) at 2x2 pixels too (ResNet-50's last stage).
@@ -54,11 +56,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_flax import batchnorm, conv, input_pipeline, train
+from resnet_flax import batchnorm, conv, input_pipeline, train, winograd
 from step_inputs import resnet50_state_and_batch
 
 STEPS = 4
-VARIANTS = ("im2col-3x3", "winograd-f2-only", "winograd-f4-at-4x4", "winograd-f2-at-2x2",
+VARIANTS = ("im2col-3x3", "kernel-transform-sums", "winograd-f2-only", "winograd-f4-at-4x4", "winograd-f2-at-2x2",
             "copied-kernels", "no-mask", "minimal-update", "transposed-kernel-gradients",
             "space-to-depth-stem", "variadic-batchnorm-forward-sums", "variadic-batchnorm-sums",
             "no-inference-batchnorm", "xla-conv-stages-3-4")
@@ -135,6 +137,13 @@ def xla_conv_at_stages_3_4(original):
     return conv2d
 
 
+def kernel_transform_as_sums(kernel, matrix):
+    """``winograd._kernel_transform`` as sums: ``matrix`` applied along one spatial axis, then the
+    other."""
+    rows = winograd._combine(matrix, list(kernel))
+    return jnp.stack([jnp.stack(winograd._combine(matrix, list(row))) for row in rows])
+
+
 def winograd_tiles(rule):
     """``conv.winograd_tile_size`` with the tile for a map's smaller side given by ``rule``."""
     original = conv.winograd_tile_size
@@ -149,6 +158,7 @@ def winograd_tiles(rule):
 def replacements(variant: str | None) -> list[tuple[object, str, object]]:
     """``(module, attribute, replacement)`` for what ``variant`` changes in the package."""
     table = {
+        "kernel-transform-sums": [(winograd, "_kernel_transform", kernel_transform_as_sums)],
         "im2col-3x3": [(conv, "winograd_tile_size", winograd_tiles(lambda side: None))],
         "winograd-f2-only": [(conv, "winograd_tile_size", winograd_tiles(lambda side: 2 if side >= 4 else None))],
         "winograd-f4-at-4x4": [(conv, "winograd_tile_size", winograd_tiles(lambda side: 4 if side >= 4 else None))],
