@@ -10,7 +10,7 @@ Keras weights work with any of them:
 * ``'winograd'`` -- 'gemm', except for 3x3 stride-1 'same' convolutions on maps of at least 4x4
   pixels, which use Winograd's minimal filtering (``resnet_flax.winograd``): F(4x4, 3x3), 4x fewer
   multiplications, from 8x8 pixels up; F(2x2, 3x3), 2.25x fewer, below. Its error is about ten
-  times the direct sum's where F(4x4, 3x3) runs (~1e-5 of the output's scale).
+  times the direct sum's where F(4x4, 3x3) runs (a few 1e-6 of the output's scale).
 * ``'auto'`` -- 'winograd' on CPU, 'xla' elsewhere.
 
 Padding follows TensorFlow: 'SAME' pads ``total // 2`` before and the rest after, also for even

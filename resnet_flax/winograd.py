@@ -11,10 +11,11 @@ products, (tiles, C_in) @ (C_in, C_out), which XLA runs as one batched product.
 
 Accuracy (float32): F(2x2, 3x3)'s transforms are 0 / +-1 / +-1/2, and its results are as close to
 the exact convolution as the direct sum's; F(4x4, 3x3)'s larger coefficients (up to 8 and 5) make
-its error about ten times the direct sum's, ~1e-5 of the output's scale (tests/test_winograd.py).
+its error about ten times the direct sum's, a few 1e-6 of the output's scale
+(experiments/winograd_accuracy.md; tests/test_conv.py bounds both).
 
 The gradient is written out rather than left to autodiff, whose transposes of the overlapping tile
-slices were slower than the forward pass itself:
+slices were slow on XLA:CPU in a prototype:
 
 * input gradient: a 'same' 3x3 convolution of ``d_out`` with the kernel flipped and its channels
   swapped, i.e. this same algorithm again (the channel swap done by the product, since
@@ -86,10 +87,10 @@ def _transform_tiles(x: jax.Array, matrix: np.ndarray, step: int) -> jax.Array:
                       for row in rows])
 
 
-def _untile(m: jax.Array, output_matrix: np.ndarray) -> jax.Array:
-    """The output tiles of the products ``m`` (t, t, N, tiles_h, tiles_w, C), put side by side:
-    (N, m * tiles_h, m * tiles_w, C)."""
-    rows = _combine(output_matrix, list(m))  # along the tile's rows: m of (t, N, th, tw, C)
+def _untile(products: jax.Array, output_matrix: np.ndarray) -> jax.Array:
+    """The output tiles of ``products`` (t, t, N, tiles_h, tiles_w, C), put side by side:
+    (N, m * tiles_h, m * tiles_w, C) for m = ``output_matrix.shape[0]``."""
+    rows = _combine(output_matrix, list(products))  # along the tile's rows: m of (t, N, th, tw, C)
     pixels = [_combine(output_matrix, list(row)) for row in rows]  # pixels[i][j]: (N, th, tw, C)
     tiles = jnp.stack([jnp.stack(row, axis=3) for row in pixels], axis=2)  # (N, th, m, tw, m, C)
     n, tiles_h, size, tiles_w, _, c = tiles.shape
@@ -105,7 +106,9 @@ def _pad_to_tiles(x: jax.Array, size: int, border: int) -> jax.Array:
 
 def _kernel_transform(kernel: jax.Array, matrix: np.ndarray) -> jax.Array:
     """``matrix @ kernel @ matrix^T`` over the two spatial axes of an HWIO kernel, as one product
-    with ``matrix (x) matrix`` (a written-out sum of taps is a slow branchy loop on XLA:CPU)."""
+    with ``matrix (x) matrix`` (XLA hoists it out of the evaluation loop over batches; in training
+    it is as fast as written-out sums, experiments/ab_chunk.md). Always at 'highest' precision:
+    it rearranges the kernel exactly, whatever precision the layers use."""
     rows, taps = matrix.shape
     both_axes = np.kron(matrix, matrix).astype(np.float32)  # (rows^2, taps^2)
     flat = kernel.reshape(taps * taps, -1)
