@@ -32,6 +32,18 @@ SHAPES = [
 ]
 
 
+@jax.jit
+def product(lhs, rhs):
+    return jnp.matmul(lhs, rhs, precision="highest")
+
+
+def timed(lhs_shape, rhs_shape, reps: int) -> tuple[float, float]:
+    """Best and median seconds of ``product`` on arrays of these shapes, compiled beforehand."""
+    lhs, rhs = jnp.ones(lhs_shape), jnp.ones(rhs_shape)
+    jax.block_until_ready(product(lhs, rhs))
+    return best_and_median(lambda: jax.block_until_ready(product(lhs, rhs)), reps)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=50)
@@ -47,14 +59,8 @@ def main() -> int:
              "|---|---|---|---|---|---|---|"]
     for name, positions, rows, c_in, c_out in SHAPES:
         flops = 2 * positions * rows * c_in * c_out
-        batched = jax.jit(lambda a, b: jnp.matmul(a, b, precision="highest"))
-        lhs, rhs = jnp.ones((positions, rows, c_in)), jnp.ones((positions, c_in, c_out))
-        jax.block_until_ready(batched(lhs, rhs))  # compiled before timing
-        b_best, b_median = best_and_median(lambda: jax.block_until_ready(batched(lhs, rhs)), args.reps)
-        single = jax.jit(lambda a, b: jnp.matmul(a, b, precision="highest"))
-        one_lhs, one_rhs = jnp.ones((positions * rows, c_in)), jnp.ones((c_in, c_out))
-        jax.block_until_ready(single(one_lhs, one_rhs))
-        s_best, s_median = best_and_median(lambda: jax.block_until_ready(single(one_lhs, one_rhs)), args.reps)
+        b_best, b_median = timed((positions, rows, c_in), (positions, c_in, c_out), args.reps)
+        s_best, s_median = timed((positions * rows, c_in), (c_in, c_out), args.reps)
         lines.append(
             f"| {name} | {positions} x ({rows}, {c_in}) @ ({c_in}, {c_out}) | {b_best * 1e3:.2f} / "
             f"{b_median * 1e3:.2f} | {flops / b_best / 1e9:.0f} | ({positions * rows}, {c_in}) @ "

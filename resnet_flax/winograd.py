@@ -141,8 +141,7 @@ def _convolve(x: jax.Array, kernel_tiles: jax.Array, size: int, precision,
 def conv3x3_same(x: jax.Array, kernel: jax.Array, tile_size: int, precision: str | None = None) -> jax.Array:
     """NHWC ``x`` convolved with the HWIO 3x3 ``kernel``, stride 1, 'same' padding, by
     F(``tile_size`` x ``tile_size``, 3 x 3); ``tile_size`` is 2 or 4."""
-    kernel_tiles = _kernel_transform(kernel, TRANSFORMS[tile_size].kernel)
-    return _convolve(x, kernel_tiles, tile_size, precision)[0]
+    return _conv3x3_same_fwd(x, kernel, tile_size, precision)[0]
 
 
 def _conv3x3_same_fwd(x, kernel, tile_size, precision):

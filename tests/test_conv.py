@@ -28,6 +28,11 @@ def reference_conv(x, kernel, strides, padding):
     return out
 
 
+def sin_loss_and_grads(conv_fn):
+    """``sum(sin(conv_fn(x, k)))`` and its gradients for ``x`` and ``k``, jitted."""
+    return jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(conv_fn(x, k))), argnums=(0, 1)))
+
+
 # The shapes ResNet-50 uses: 1x1 stride 1 and 2, 3x3 'same', 7x7/2 'valid', and the even f=2 'same'.
 CASES = [
     ((2, 15, 15, 8), (1, 1, 8, 16), (1, 1), "VALID"),
@@ -47,9 +52,7 @@ def test_implementations_match_reference_and_each_other(x_shape, k_shape, stride
     expected = reference_conv(x.astype(np.float64), kernel.astype(np.float64), strides, padding)
 
     def loss(impl):
-        def f(x, k):
-            return jnp.sum(jnp.sin(conv.conv2d(x, k, strides, padding, impl)))
-        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+        return sin_loss_and_grads(lambda x, k: conv.conv2d(x, k, strides, padding, impl))
 
     outputs = {impl: conv.conv2d(x, kernel, strides, padding, impl) for impl in ("xla", "gemm", "winograd")}
     for impl, out in outputs.items():
@@ -94,10 +97,6 @@ def test_unknown_implementation_is_rejected():
 # 4x4 F(2x2)), odd sizes that leave a partial tile, and unequal channel counts.
 
 WINOGRAD_CASES = [(15, 4), (8, 4), (7, 2), (4, 2), (5, 4), (6, 2)]
-
-
-def sin_loss_and_grads(conv_fn):
-    return jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(conv_fn(x, k))), argnums=(0, 1)))
 
 
 def reference_sin_loss_grads(x, kernel):
