@@ -35,6 +35,9 @@ names what it changes against the current code):
   affine costs there, i.e. what folding it into the kernels could at most save.
 * ``xla-conv-stages-3-4``: the 3x3 convs at 4x4 to 8x8 pixels by XLA's convolution instead of
   im2col + product (alone about as fast at those shapes, forward only).
+* ``ynn-reduce-only``, ``no-ynn``: both programs compiled with XLA:CPU's YNNPACK fusions limited to
+  reductions, or none (``xla_cpu_experimental_ynn_fusion_type``; the products then run on XLA's
+  own Eigen path).
 
     python experiments/ab_chunk.py --variant copied-kernels          # ~2 minutes
     python experiments/ab_chunk.py --variant no-mask --rounds 20 --out experiments/ab_chunk.md
@@ -63,7 +66,13 @@ STEPS = 4
 VARIANTS = ("im2col-3x3", "kernel-transform-sums", "winograd-f2-only", "winograd-f4-at-4x4", "winograd-f2-at-2x2",
             "copied-kernels", "no-mask", "minimal-update", "transposed-kernel-gradients",
             "space-to-depth-stem", "variadic-batchnorm-forward-sums", "variadic-batchnorm-sums",
-            "no-inference-batchnorm", "xla-conv-stages-3-4")
+            "no-inference-batchnorm", "xla-conv-stages-3-4", "ynn-reduce-only", "no-ynn")
+
+# Variants that change how XLA compiles the same programs (per-program compiler options).
+COMPILER_OPTIONS = {
+    "ynn-reduce-only": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"},
+    "no-ynn": {"xla_cpu_experimental_ynn_fusion_type": ""},
+}
 
 
 def plain_product(patches, kernel, precision):
@@ -233,9 +242,10 @@ def build(variant: str | None):
     with patched(variant):
         model, state, batch = resnet50_state_and_batch("auto")
         batches = jax.tree.map(lambda a: jnp.stack([a] * STEPS), batch)
-        train_chunk = jax.jit(chunk, donate_argnums=0).lower(state, batches).compile()
+        options = COMPILER_OPTIONS.get(variant)
+        train_chunk = jax.jit(chunk, donate_argnums=0).lower(state, batches).compile(options)
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        evaluate = jax.jit(train.make_evaluate(model.apply, 6)).lower(variables, batches).compile()
+        evaluate = train.make_evaluate(model.apply, 6).lower(variables, batches).compile(options)
     state = train_chunk(state, batches)  # warm-up (the old state's buffers are donated)
     jax.block_until_ready(evaluate({"params": state.params, "batch_stats": state.batch_stats}, batches))
     return {"chunk": train_chunk, "evaluate": evaluate, "state": state, "batches": batches}

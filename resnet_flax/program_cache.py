@@ -103,11 +103,12 @@ class ProgramCache:
         return exported
 
     def compile(self, name: str, fn: Callable, *args: Any, extra: Any = None, out_shardings: Any = None,
-                donate_argnums: tuple[int, ...] = ()) -> jax.stages.Compiled:
-        """``fn`` compiled for ``args`` from its exported form (XLA's own cache then applies)."""
+                donate_argnums: tuple[int, ...] = (), compiler_options: dict | None = None) -> jax.stages.Compiled:
+        """``fn`` compiled for ``args`` from its exported form (XLA's own cache then applies), with
+        XLA ``compiler_options`` (an export keeps none of ``fn``'s own)."""
         exported = self.exported(name, fn, *args, extra=extra, out_shardings=out_shardings)
-        return jax.jit(exported.call, out_shardings=out_shardings,
-                       donate_argnums=donate_argnums).lower(*args).compile()
+        return jax.jit(exported.call, out_shardings=out_shardings, donate_argnums=donate_argnums,
+                       compiler_options=compiler_options).lower(*args).compile()
 
     def _write(self, path: Path, data: bytes) -> None:
         # Written whole under a unique name, then renamed: a killed run or another process (of

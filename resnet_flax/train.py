@@ -218,14 +218,20 @@ def compile_train_chunk(config, state: TrainState, batches, steps_per_epoch: int
     return train_chunk
 
 
-def make_evaluate(apply_fn, num_classes: int):
-    """``(variables, batches) -> sums`` over all of ``batches`` in one compiled call."""
+def evaluate_batches(apply_fn, num_classes: int):
+    """``(variables, batches) -> sums`` over all of ``batches``, to be compiled as one program."""
     step = functools.partial(eval_step, apply_fn, num_classes=num_classes)
 
     def evaluate(variables, batches):
         return _scan_batches(lambda v, b: (v, step(v, b)), variables, batches)[1]
 
-    return jax.jit(evaluate)
+    return evaluate
+
+
+def make_evaluate(apply_fn, num_classes: int):
+    """``evaluate_batches`` jitted with ``runtime.evaluation_compiler_options()`` (so it must not be
+    called inside another jit)."""
+    return jax.jit(evaluate_batches(apply_fn, num_classes), compiler_options=runtime.evaluation_compiler_options())
 
 
 def summarize(sums: Mapping[str, Any]) -> dict[str, float]:
@@ -427,8 +433,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, m
     @functools.cache
     def evaluate_program():
         nonlocal compile_seconds
-        program, seconds = _timed(programs.compile, "evaluate", make_evaluate(model.apply, config.num_classes),
-                                  abstract(split_state(state)[0]), abstract(test_batches))
+        program, seconds = _timed(programs.compile, "evaluate", evaluate_batches(model.apply, config.num_classes),
+                                  abstract(split_state(state)[0]), abstract(test_batches),
+                                  compiler_options=runtime.evaluation_compiler_options())
         compile_seconds += seconds
         return program
 

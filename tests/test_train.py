@@ -1,5 +1,6 @@
 """Training end to end on the smoke config, determinism, masking, and the compiled steps."""
 
+import functools
 import json
 import re
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from conftest import (REPO, assert_states_close, assert_trees_equal, checkpoint_trees, needs_deterministic_runs,
                       smoke_config, write_signs_h5)
 from resnet_flax import config as config_lib
-from resnet_flax import input_pipeline, models, runtime, train
+from resnet_flax import input_pipeline, models, program_cache, runtime, train
 from resnet_flax.errors import UserError
 
 
@@ -118,6 +119,53 @@ def test_evaluation_of_a_partial_last_batch_equals_unpadded(tiny_setup):
     assert padded["count"] == unpadded["count"] == 30
     assert padded["accuracy"] == unpadded["accuracy"]
     np.testing.assert_allclose(padded["loss"], unpadded["loss"], rtol=1e-6)
+
+
+@pytest.fixture
+def tiny_products_and_batches(signs_dir):
+    """resnet_tiny with its convolutions as matrix products ('auto': winograd on CPU), its
+    variables, and 3 test batches of 8."""
+    split = input_pipeline.load_h5_split(signs_dir / "test_signs.h5", "test", 6)
+    model = models.create_model("resnet_tiny", num_classes=6, conv_impl="auto")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+    indices, mask = input_pipeline.batch_indices(np.arange(24), 8)
+    batches = runtime.gather_batches(split.images, split.labels, indices, mask, runtime.make_mesh())
+    return model, variables, batches
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU options")
+def test_evaluation_is_compiled_with_its_own_xla_options(tiny_products_and_batches, tmp_path):
+    """On CPU the evaluation program keeps its products off YNNPACK (runtime.py says why), both as
+    ``make_evaluate`` compiles it and as a run compiles it from its exported form, and its sums
+    equal batch-by-batch evaluation compiled with XLA's defaults up to rounding."""
+    model, variables, batches = tiny_products_and_batches
+    assert runtime.evaluation_compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    direct = train.make_evaluate(model.apply, 6).lower(variables, batches).compile()
+    programs = program_cache.ProgramCache(tmp_path, "key")
+    exported = programs.compile("evaluate", train.evaluate_batches(model.apply, 6), variables, batches,
+                                compiler_options=runtime.evaluation_compiler_options())
+    defaults = jax.jit(functools.partial(train.eval_step, model.apply, num_classes=6))
+    assert "ynn_fusion" in defaults.lower(variables, jax.tree.map(lambda a: a[0], batches)).compile().as_text()
+    for program in (direct, exported):
+        assert "ynn_fusion" not in program.as_text()
+    by_batch = [defaults(variables, jax.tree.map(lambda a, i=i: a[i], batches)) for i in range(3)]
+    expected = jax.tree.map(lambda *sums: sum(float(s) for s in sums), *by_batch)
+    for program in (direct, exported):
+        sums = jax.device_get(program(variables, batches))
+        assert sums["count"] == expected["count"] == 24 and sums["correct"] == expected["correct"]
+        np.testing.assert_allclose(sums["loss_sum"], expected["loss_sum"], rtol=1e-5)
+
+
+def test_evaluation_compiles_with_defaults_where_xla_rejects_its_options(tiny_products_and_batches, monkeypatch):
+    model, variables, batches = tiny_products_and_batches
+    monkeypatch.setattr(runtime, "_CPU_EVALUATION_OPTIONS", {"xla_cpu_no_such_option": True})
+    runtime.evaluation_compiler_options.cache_clear()
+    try:
+        assert runtime.evaluation_compiler_options() is None
+        sums = train.summarize(train.make_evaluate(model.apply, 6)(variables, batches))
+        assert sums["count"] == 24 and np.isfinite(sums["loss"])
+    finally:
+        runtime.evaluation_compiler_options.cache_clear()
 
 
 @pytest.mark.parametrize("conv_impl", ["gemm", "winograd"])
