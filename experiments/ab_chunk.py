@@ -37,7 +37,8 @@ names what it changes against the current code):
   im2col + product (alone about as fast at those shapes, forward only).
 * ``ynn-reduce-only``, ``no-ynn``: both programs compiled with XLA:CPU's YNNPACK fusions limited to
   reductions, or none (``xla_cpu_experimental_ynn_fusion_type``; the products then run on XLA's
-  own Eigen path).
+  own Eigen path). Evaluation alone has been compiled with ``no-ynn``'s setting since session 8
+  (``runtime.evaluation_compiler_options``), so its columns now compare the same programs.
 
     python experiments/ab_chunk.py --variant copied-kernels          # ~2 minutes
     python experiments/ab_chunk.py --variant no-mask --rounds 20 --out experiments/ab_chunk.md
