@@ -1,12 +1,13 @@
 """Seconds per training step against the number of steps per compiled call (issue 5).
 
-One training chunk of the 'gemm' ResNet-50 (batch 32), compiled once for 16 batches as
+One training chunk of the 'gemm' (or ``--impl winograd``) ResNet-50 (batch 32), compiled once for 16 batches as
 ``train_and_evaluate`` compiles it, run with 1, 2, 4, 8 and 16 steps per call in turns (so a
 change of machine speed hits every length alike). Also counts the minor page faults per call:
 XLA:CPU maps its scratch memory afresh for each call. Then the same for evaluation
 (``train.make_evaluate``, one program per batch count: 1, 4 and 16 batches of 32 per call).
 
     python experiments/chunk_length.py        # ~2.5 minutes; writes experiments/chunk_length.md
+    python experiments/chunk_length.py --impl winograd --out /tmp/chunk_length_winograd.md
 """
 
 import argparse
@@ -49,10 +50,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="turns over all lengths")
     parser.add_argument("--out", default=str(HERE / "chunk_length.md"))
+    parser.add_argument("--impl", default="gemm", choices=("gemm", "winograd"),
+                        help="conv_impl ('gemm', the default, as in chunk_length.md's recorded runs)")
     args = parser.parse_args()
 
     config = config_lib.default_config()
-    config.conv_impl = "gemm"
+    config.conv_impl = args.impl
     capacity = config.steps_per_chunk
     mesh = runtime.make_mesh()
     model = models.model_from_config(config)
@@ -100,8 +103,8 @@ def main() -> int:
     best16 = min(seconds[16])
     lines = [
         "# Seconds per training step against steps per compiled call", "",
-        f"`python experiments/chunk_length.py`, {started:%Y-%m-%d %H:%M} UTC, 2 cores, jax {jax.__version__}, "
-        f"load average after {' '.join(f'{x:.2f}' for x in os.getloadavg())}. 'gemm' ResNet-50, batch 32, "
+        f"`python experiments/chunk_length.py --impl {args.impl}`, {started:%Y-%m-%d %H:%M} UTC, 2 cores, jax {jax.__version__}, "
+        f"load average after {' '.join(f'{x:.2f}' for x in os.getloadavg())}. '{args.impl}' ResNet-50, batch 32, "
         f"one program compiled for {capacity} batches; {args.rounds} rounds over the lengths, about 16 "
         f"steps per length and round.", "",
         "| steps per call | s per step (best / median of rounds) | vs 16 per call | minor page faults per call |",
