@@ -64,7 +64,7 @@ def enable_compilation_cache(directory: str | None) -> Path | None:
     return path
 
 
-# XLA:CPU runs matrix products as YNNPACK fusions by default. The evaluation program ran 3-6%
+# XLA:CPU runs matrix products as YNNPACK fusions by default. The evaluation program ran 2-6%
 # faster with them on XLA's own (Eigen) path, while the training step ran 2.7x slower that way
 # (its BatchNorm sums need YNNPACK's reductions), so only evaluation asks for it (in-process A/B,
 # experiments/ab_chunk.md: `no-ynn`, `ynn-reduce-only`).
