@@ -1,8 +1,8 @@
 """Seconds per training step against the number of steps per compiled call (issue 5).
 
-One training chunk of the 'gemm' (or ``--impl winograd``) ResNet-50 (batch 32), compiled once for 16 batches as
-``train_and_evaluate`` compiles it, run with 1, 2, 4, 8 and 16 steps per call in turns (so a
-change of machine speed hits every length alike). Also counts the minor page faults per call:
+One training chunk of the 'gemm' (or ``--impl winograd``) ResNet-50 (batch 32), compiled once for
+16 batches as ``train_and_evaluate`` compiles it, run with 1, 2, 4, 8 and 16 steps per call in
+turns (so a change of machine speed hits every length alike). Also counts the minor page faults per call:
 XLA:CPU maps its scratch memory afresh for each call. Then the same for evaluation
 (``train.make_evaluate``, one program per batch count: 1, 4 and 16 batches of 32 per call).
 
@@ -103,7 +103,8 @@ def main() -> int:
     best16 = min(seconds[16])
     lines = [
         "# Seconds per training step against steps per compiled call", "",
-        f"`python experiments/chunk_length.py --impl {args.impl}`, {started:%Y-%m-%d %H:%M} UTC, 2 cores, jax {jax.__version__}, "
+        f"`python experiments/chunk_length.py --impl {args.impl}`, {started:%Y-%m-%d %H:%M} UTC, 2 cores, "
+        f"jax {jax.__version__}, "
         f"load average after {' '.join(f'{x:.2f}' for x in os.getloadavg())}. '{args.impl}' ResNet-50, batch 32, "
         f"one program compiled for {capacity} batches; {args.rounds} rounds over the lengths, about 16 "
         f"steps per length and round.", "",
