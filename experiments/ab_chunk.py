@@ -14,6 +14,9 @@ names what it changes against the current code):
   instead of Winograd.
 * ``kernel-transform-sums``: Winograd's kernel transforms ``G g G^T`` written out as sums of
   taps (fused elementwise loops) instead of one product with ``kron(G, G)``.
+* ``tile-transform-sums``: Winograd's input and output tile transforms as sums of strided slices
+  (rows first, then columns; the code before session 8) instead of one product with the
+  Kronecker matrix over the gathered tile pixels.
 * ``winograd-f2-only``: F(2x2, 3x3) on every map of at least 4x4 pixels (no F(4x4, 3x3)).
 * ``winograd-f4-at-4x4``: F(4x4, 3x3) at 4x4 pixels too (one 6x6 tile per image).
 * ``winograd-f2-at-2x2``: F(2x2, 3x3) at 2x2 pixels too (ResNet-50's last stage).
@@ -58,13 +61,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from resnet_flax import batchnorm, conv, input_pipeline, train, winograd
 from step_inputs import resnet50_state_and_batch
 
 STEPS = 4
-VARIANTS = ("im2col-3x3", "kernel-transform-sums", "winograd-f2-only", "winograd-f4-at-4x4", "winograd-f2-at-2x2",
+VARIANTS = ("im2col-3x3", "kernel-transform-sums", "tile-transform-sums", "winograd-f2-only", "winograd-f4-at-4x4", "winograd-f2-at-2x2",
             "copied-kernels", "no-mask", "minimal-update", "transposed-kernel-gradients",
             "space-to-depth-stem", "variadic-batchnorm-forward-sums", "variadic-batchnorm-sums",
             "no-inference-batchnorm", "xla-conv-stages-3-4", "ynn-reduce-only", "no-ynn")
@@ -147,11 +151,41 @@ def xla_conv_at_stages_3_4(original):
     return conv2d
 
 
+def combine(matrix, arrays):
+    """``matrix @ arrays`` for a small constant matrix and a list of equally shaped arrays, written
+    as sums that skip the zero coefficients (XLA fuses them with the slices that make the arrays)."""
+    rows = []
+    for coefficients in matrix:
+        terms = [a if c == 1 else -a if c == -1 else np.float32(c) * a
+                 for c, a in zip(coefficients, arrays) if c != 0]
+        rows.append(functools.reduce(jnp.add, terms))
+    return rows
+
+
 def kernel_transform_as_sums(kernel, matrix):
     """``winograd._kernel_transform`` as sums: ``matrix`` applied along one spatial axis, then the
     other."""
-    rows = winograd._combine(matrix, list(kernel))
-    return jnp.stack([jnp.stack(winograd._combine(matrix, list(row))) for row in rows])
+    rows = combine(matrix, list(kernel))
+    return jnp.stack([jnp.stack(combine(matrix, list(row))) for row in rows])
+
+
+def transform_tiles_as_sums(x, matrix, step):
+    """``winograd._transform_tiles`` as sums (before session 8): along the rows on strided row
+    slices, then along the columns of each result."""
+    window = matrix.shape[1]
+    tiles_h, tiles_w = (x.shape[1] - window) // step + 1, (x.shape[2] - window) // step + 1
+    rows = combine(matrix, [winograd._strided(x, 1, i, tiles_h, step) for i in range(window)])
+    return jnp.stack([jnp.stack(combine(matrix, [winograd._strided(row, 2, j, tiles_w, step) for j in range(window)]))
+                      for row in rows])
+
+
+def untile_as_sums(products, output_matrix):
+    """``winograd._untile`` as sums (before session 8)."""
+    rows = combine(output_matrix, list(products))  # along the tile's rows: m of (t, N, th, tw, C)
+    pixels = [combine(output_matrix, list(row)) for row in rows]  # pixels[i][j]: (N, th, tw, C)
+    tiles = jnp.stack([jnp.stack(row, axis=3) for row in pixels], axis=2)  # (N, th, m, tw, m, C)
+    n, tiles_h, size, tiles_w, _, c = tiles.shape
+    return tiles.reshape(n, tiles_h * size, tiles_w * size, c)
 
 
 def winograd_tiles(rule):
@@ -169,6 +203,8 @@ def replacements(variant: str | None) -> list[tuple[object, str, object]]:
     """``(module, attribute, replacement)`` for what ``variant`` changes in the package."""
     table = {
         "kernel-transform-sums": [(winograd, "_kernel_transform", kernel_transform_as_sums)],
+        "tile-transform-sums": [(winograd, "_transform_tiles", transform_tiles_as_sums),
+                                (winograd, "_untile", untile_as_sums)],
         "im2col-3x3": [(conv, "winograd_tile_size", winograd_tiles(lambda side: None))],
         "winograd-f2-only": [(conv, "winograd_tile_size", winograd_tiles(lambda side: 2 if side >= 4 else None))],
         "winograd-f4-at-4x4": [(conv, "winograd_tile_size", winograd_tiles(lambda side: 4 if side >= 4 else None))],
@@ -244,12 +280,17 @@ def build(variant: str | None):
         model, state, batch = resnet50_state_and_batch("auto")
         batches = jax.tree.map(lambda a: jnp.stack([a] * STEPS), batch)
         options = COMPILER_OPTIONS.get(variant)
+        start = time.perf_counter()
         train_chunk = jax.jit(chunk, donate_argnums=0).lower(state, batches).compile(options)
+        chunk_compile_s = time.perf_counter() - start
         variables = {"params": state.params, "batch_stats": state.batch_stats}
+        start = time.perf_counter()
         evaluate = train.make_evaluate(model.apply, 6).lower(variables, batches).compile(options)
+        eval_compile_s = time.perf_counter() - start
     state = train_chunk(state, batches)  # warm-up (the old state's buffers are donated)
     jax.block_until_ready(evaluate({"params": state.params, "batch_stats": state.batch_stats}, batches))
-    return {"chunk": train_chunk, "evaluate": evaluate, "state": state, "batches": batches}
+    return {"chunk": train_chunk, "evaluate": evaluate, "state": state, "batches": batches,
+            "compile_s": (chunk_compile_s, eval_compile_s)}
 
 
 def cpu_name() -> str:
@@ -293,10 +334,13 @@ def main() -> int:
              f"{started:%Y-%m-%d %H:%M} UTC, {len(os.sched_getaffinity(0))} cores "
              f"({cpu_name()}), jax {jax.__version__}; load average after "
              f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}.", "",
-             "| code | train step ms (best / median) | eval batch of 32 ms (best / median) |", "|---|---|---|"]
+             "| code | train step ms (best / median) | eval batch of 32 ms (best / median) "
+             "| trace + compile s (chunk / eval) |", "|---|---|---|---|"]
     for name in runs:
         (tb, tm), (eb, em) = best_and_median(train_s[name]), best_and_median(eval_s[name])
-        lines.append(f"| {name} | {tb * 1e3:.1f} / {tm * 1e3:.1f} | {eb * 1e3:.1f} / {em * 1e3:.1f} |")
+        cc, ec = runs[name]["compile_s"]
+        lines.append(f"| {name} | {tb * 1e3:.1f} / {tm * 1e3:.1f} | {eb * 1e3:.1f} / {em * 1e3:.1f} "
+                     f"| {cc:.1f} / {ec:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

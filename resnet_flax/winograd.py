@@ -9,6 +9,12 @@ a tile takes (m+2)^2 products instead of 9 m^2: 2.25x fewer for F(2x2, 3x3), 4x 
 F(4x4, 3x3). Summed over input channels, the elementwise products become (m+2)^2 independent matrix
 products, (tiles, C_in) @ (C_in, C_out), which XLA runs as one batched product.
 
+Each transform on both axes of every tile, ``M @ tile @ M^T``, is one product with the Kronecker
+matrix ``M (x) M`` ((m+2)^2 x (m+2)^2 at most) over the tiles' pixels, gathered first. Written-out
+sums of slices instead (the first version) ran within 1-2% of it either way but made about 40
+small fusions per layer, and XLA took ~4.5 s longer to compile the training step
+(experiments/ab_chunk.md, ``tile-transform-sums``).
+
 Accuracy (float32): F(2x2, 3x3)'s transforms are 0 / +-1 / +-1/2, and its results are as close to
 the exact convolution as the direct sum's; F(4x4, 3x3)'s larger coefficients (up to 8 and 5) make
 its error about ten times the direct sum's, a few 1e-6 of the output's scale
@@ -56,17 +62,6 @@ TRANSFORMS = {
 }
 
 
-def _combine(matrix: np.ndarray, arrays: list[jax.Array]) -> list[jax.Array]:
-    """``matrix @ arrays`` for a small constant matrix and a list of equally shaped arrays, written
-    as sums that skip the zero coefficients (XLA fuses them with the slices that make the arrays)."""
-    rows = []
-    for coefficients in matrix:
-        terms = [a if c == 1 else -a if c == -1 else np.float32(c) * a
-                 for c, a in zip(coefficients, arrays) if c != 0]
-        rows.append(functools.reduce(jnp.add, terms))
-    return rows
-
-
 def _strided(x: jax.Array, axis: int, start: int, count: int, step: int) -> jax.Array:
     """``count`` slices of ``x`` along ``axis``, ``step`` apart, from ``start``."""
     starts, limits, strides = [0] * x.ndim, list(x.shape), [1] * x.ndim
@@ -78,23 +73,35 @@ def _transform_tiles(x: jax.Array, matrix: np.ndarray, step: int) -> jax.Array:
     """Every tile of the NHWC ``x`` (``matrix.shape[1]`` pixels a side, ``step`` apart) transformed
     on both axes, ``matrix @ tile @ matrix^T``: (t, t, N, tiles_h, tiles_w, C).
 
-    Along the rows first, on strided row slices, then along the columns of each result; every stack
-    has at most 8 arrays (XLA:CPU fuses a stack with the slices that feed it only up to 8)."""
-    window = matrix.shape[1]
+    The tiles' pixels are gathered as (window^2, N, tiles_h, tiles_w, C), in stacks of at most 8
+    (XLA:CPU fuses a stack with the slices that feed it only up to 8), and transformed by one
+    product with ``matrix (x) matrix``."""
+    rows, window = matrix.shape
     tiles_h, tiles_w = (x.shape[1] - window) // step + 1, (x.shape[2] - window) // step + 1
-    rows = _combine(matrix, [_strided(x, 1, i, tiles_h, step) for i in range(window)])
-    return jnp.stack([jnp.stack(_combine(matrix, [_strided(row, 2, j, tiles_w, step) for j in range(window)]))
-                      for row in rows])
+
+    def pixel(i: int, j: int) -> jax.Array:  # pixel (i, j) of every tile
+        return _strided(_strided(x, 1, i, tiles_h, step), 2, j, tiles_w, step)
+
+    pixels = jnp.stack([jnp.stack([pixel(i, j) for j in range(window)]) for i in range(window)])
+    tiles = _times_kron(matrix, pixels.reshape(window * window, -1))
+    return tiles.reshape(rows, rows, *pixels.shape[2:])
 
 
 def _untile(products: jax.Array, output_matrix: np.ndarray) -> jax.Array:
-    """The output tiles of ``products`` (t, t, N, tiles_h, tiles_w, C), put side by side:
-    (N, m * tiles_h, m * tiles_w, C) for m = ``output_matrix.shape[0]``."""
-    rows = _combine(output_matrix, list(products))  # along the tile's rows: m of (t, N, th, tw, C)
-    pixels = [_combine(output_matrix, list(row)) for row in rows]  # pixels[i][j]: (N, th, tw, C)
-    tiles = jnp.stack([jnp.stack(row, axis=3) for row in pixels], axis=2)  # (N, th, m, tw, m, C)
-    n, tiles_h, size, tiles_w, _, c = tiles.shape
-    return tiles.reshape(n, tiles_h * size, tiles_w * size, c)
+    """The output tiles ``A^T m A`` of ``products`` (t, t, N, tiles_h, tiles_w, C), put side by
+    side: (N, m * tiles_h, m * tiles_w, C) for m = ``output_matrix.shape[0]``."""
+    m, t = output_matrix.shape
+    n, tiles_h, tiles_w, c = products.shape[2:]
+    tiles = _times_kron(output_matrix, products.reshape(t * t, -1)).reshape(m, m, n, tiles_h, tiles_w, c)
+    return tiles.transpose(2, 3, 0, 4, 1, 5).reshape(n, tiles_h * m, tiles_w * m, c)
+
+
+def _times_kron(matrix: np.ndarray, flat: jax.Array) -> jax.Array:
+    """``(matrix (x) matrix) @ flat``: ``matrix @ tile @ matrix^T`` for every tile (or kernel),
+    whose pixels run along ``flat``'s rows, as one product. Always at 'highest' precision: the
+    transforms are part of the algorithm, whatever precision the layers use."""
+    both_axes = np.kron(matrix, matrix).astype(np.float32)
+    return jnp.matmul(both_axes, flat, precision=lax.Precision.HIGHEST)
 
 
 def _pad_to_tiles(x: jax.Array, size: int, border: int) -> jax.Array:
@@ -105,15 +112,10 @@ def _pad_to_tiles(x: jax.Array, size: int, border: int) -> jax.Array:
 
 
 def _kernel_transform(kernel: jax.Array, matrix: np.ndarray) -> jax.Array:
-    """``matrix @ kernel @ matrix^T`` over the two spatial axes of an HWIO kernel, as one product
-    with ``matrix (x) matrix`` (XLA hoists it out of the evaluation loop over batches; in training
-    it is as fast as written-out sums, experiments/ab_chunk.md). Always at 'highest' precision:
-    it rearranges the kernel exactly, whatever precision the layers use."""
+    """``matrix @ kernel @ matrix^T`` over the two spatial axes of an HWIO kernel (XLA hoists it
+    out of the evaluation loop over batches)."""
     rows, taps = matrix.shape
-    both_axes = np.kron(matrix, matrix).astype(np.float32)  # (rows^2, taps^2)
-    flat = kernel.reshape(taps * taps, -1)
-    out = jnp.matmul(both_axes, flat, precision=lax.Precision.HIGHEST)
-    return out.reshape(rows, rows, *kernel.shape[2:])
+    return _times_kron(matrix, kernel.reshape(taps * taps, -1)).reshape(rows, rows, *kernel.shape[2:])
 
 
 def _products(tiles: jax.Array, kernel_tiles: jax.Array, precision, swap_kernel_channels=False):

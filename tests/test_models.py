@@ -145,21 +145,24 @@ def test_every_conv_and_matmul_runs_at_the_model_precision(conv_impl, precision)
                                 mutable=["batch_stats"])
         return jnp.sum(logits)
 
-    def layers_and_kernel_transforms(jaxpr):
-        # Winograd's kernel transforms are products with a constant (t*t, 9) or (9, t*t) matrix;
-        # they always run at 'highest' (they are exact rearrangements of the kernel, not layers).
+    def layers_and_winograd_transforms(jaxpr):
+        # Winograd's transforms of kernels and tiles are products with a constant Kronecker matrix
+        # of 4, 9, 16 or 36 rows and columns; they always run at 'highest' (they are part of the
+        # algorithm, not layers). No layer's product has such a matrix first.
+        sizes = {4, 9, 16, 36}
         found = products(jaxpr)
-        transforms = [e for e in found if e.invars[0].aval.shape in {(16, 9), (36, 9), (9, 16), (9, 36)}]
+        transforms = [e for e in found if len(shape := e.invars[0].aval.shape) == 2 and set(shape) <= sizes]
         return [e for e in found if e not in transforms], transforms
 
-    forward, forward_transforms = layers_and_kernel_transforms(
+    forward, forward_transforms = layers_and_winograd_transforms(
         jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x).jaxpr)
-    backward, backward_transforms = layers_and_kernel_transforms(
+    backward, backward_transforms = layers_and_winograd_transforms(
         jax.make_jaxpr(jax.grad(loss))(variables["params"], variables["batch_stats"], x).jaxpr)
     assert len(forward) == 9 + 1  # conv1, two blocks of four convs, fc6
     assert len(backward) > 2 * len(forward)  # forward again, plus input and weight gradients
-    # One 3x3 conv per block, at 15x15 and 8x8 pixels: Winograd transforms their kernels.
-    assert len(forward_transforms) == (2 if conv_impl == "winograd" else 0)
+    # One 3x3 conv per block, at 15x15 and 8x8 pixels: Winograd transforms their kernels, input
+    # tiles and output tiles.
+    assert len(forward_transforms) == (2 * 3 if conv_impl == "winograd" else 0)
     expected = jax.lax.Precision.HIGHEST if precision == "highest" else jax.lax.Precision.DEFAULT
     for eqn in forward + backward:
         assert eqn.params["precision"] == (expected, expected), eqn
