@@ -11,8 +11,8 @@ products, (tiles, C_in) @ (C_in, C_out), which XLA runs as one batched product.
 
 Each transform on both axes of every tile, ``M @ tile @ M^T``, is one product with the Kronecker
 matrix ``M (x) M`` ((m+2)^2 x (m+2)^2 at most) over the tiles' pixels, gathered first. Written-out
-sums of slices instead (the first version) ran within 1-2% of it either way but made about 40
-small fusions per layer, and XLA took ~4.5 s longer to compile the training step
+sums of slices instead (the first version) ran within 1-2% of it either way but made about 20
+more fusions per layer, and XLA took ~4.5 s longer to compile the training step
 (experiments/ab_chunk.md, ``tile-transform-sums``).
 
 Accuracy (float32): F(2x2, 3x3)'s transforms are 0 / +-1 / +-1/2, and its results are as close to
