@@ -38,6 +38,12 @@ names what it changes against the current code):
   affine costs there, i.e. what folding it into the kernels could at most save.
 * ``xla-conv-stages-3-4``: the 3x3 convs at 4x4 to 8x8 pixels by XLA's convolution instead of
   im2col + product (alone about as fast at those shapes, forward only).
+* ``kernels-derived-in-loop``: evaluation without ``train.inference_kernels`` (before session 9):
+  each layer derives what it multiplies by inside the program (XLA hoists the Winograd kernel
+  transforms out of the loop over batches, into its scratch buffer) and the 2x2 maps' 3x3
+  convolutions use im2col.
+* ``im2col-at-2x2-in-evaluation``: the inference kernels, but im2col instead of per-tap products
+  (``conv.conv_taps``) for the 3x3 convolutions on the 2x2 maps.
 * ``ynn-reduce-only``, ``no-ynn``: both programs compiled with XLA:CPU's YNNPACK fusions limited to
   reductions, or none (``xla_cpu_experimental_ynn_fusion_type``; the products then run on XLA's
   own Eigen path). Evaluation alone has been compiled with ``no-ynn``'s setting since session 8
@@ -71,7 +77,8 @@ STEPS = 4
 VARIANTS = ("im2col-3x3", "kernel-transform-sums", "tile-transform-sums", "winograd-f2-only", "winograd-f4-at-4x4", "winograd-f2-at-2x2",
             "copied-kernels", "no-mask", "minimal-update", "transposed-kernel-gradients",
             "space-to-depth-stem", "variadic-batchnorm-forward-sums", "variadic-batchnorm-sums",
-            "no-inference-batchnorm", "xla-conv-stages-3-4", "ynn-reduce-only", "no-ynn")
+            "no-inference-batchnorm", "xla-conv-stages-3-4", "kernels-derived-in-loop",
+            "im2col-at-2x2-in-evaluation", "ynn-reduce-only", "no-ynn")
 
 # Variants that change how XLA compiles the same programs (per-program compiler options).
 COMPILER_OPTIONS = {
@@ -199,6 +206,14 @@ def winograd_tiles(rule):
     return winograd_tile_size
 
 
+def winograd_tiles_only(original):
+    """``conv.inference_kernel`` without the per-tap kernels (those layers keep im2col)."""
+    def inference_kernel(kernel, spatial, strides, pads, impl):
+        derived = original(kernel, spatial, strides, pads, impl)
+        return None if isinstance(derived, tuple) else derived
+    return inference_kernel
+
+
 def replacements(variant: str | None) -> list[tuple[object, str, object]]:
     """``(module, attribute, replacement)`` for what ``variant`` changes in the package."""
     table = {
@@ -219,6 +234,8 @@ def replacements(variant: str | None) -> list[tuple[object, str, object]]:
             (batchnorm, "_two_sums", variadic_two_sums(batchnorm._two_sums, axes_to_change=(1, 2)))],
         "variadic-batchnorm-sums": [(batchnorm, "_two_sums", variadic_two_sums(batchnorm._two_sums))],
         "no-inference-batchnorm": [(batchnorm, "BatchNorm", NoInferenceBatchNorm)],
+        "kernels-derived-in-loop": [(train, "inference_kernels", lambda apply_fn, variables, images: {})],
+        "im2col-at-2x2-in-evaluation": [(conv, "inference_kernel", winograd_tiles_only(conv.inference_kernel))],
     }
     return table.get(variant, [])
 
@@ -285,7 +302,7 @@ def build(variant: str | None):
         chunk_compile_s = time.perf_counter() - start
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         start = time.perf_counter()
-        evaluate = train.make_evaluate(model.apply, 6).lower(variables, batches).compile(options)
+        evaluate = train.evaluation_program(model.apply, 6).lower(variables, batches).compile(options)
         eval_compile_s = time.perf_counter() - start
     state = train_chunk(state, batches)  # warm-up (the old state's buffers are donated)
     jax.block_until_ready(evaluate({"params": state.params, "batch_stats": state.batch_stats}, batches))

@@ -6,7 +6,7 @@ memory peaks do not mix):
 * ``jax-xla``, ``jax-gemm`` and ``jax-winograd``: this project's real training path -- ``train.create_train_state``,
   ``train.make_train_chunk`` (a loop over chunks of up to ``steps_per_chunk`` steps: 12, 11, 11
   for the 34 steps of a SIGNS epoch, after a first call of one step) on random uint8 images of
-  SIGNS's shape (1080 x 64x64x3) gathered chunk by chunk, and ``train.make_evaluate`` for
+  SIGNS's shape (1080 x 64x64x3) gathered chunk by chunk, and ``train.evaluation_program`` for
   evaluation (batch 40 as the config has it, and batch 32). ResNet-50, batch 32, float32,
   ``conv_impl`` 'xla', 'gemm' or 'winograd' (the CPU default).
 * ``pytorch``: the same architecture in PyTorch on the CPU (experiments/peers/torch_resnet50.py).
@@ -94,7 +94,7 @@ def worker_jax(args) -> dict:
     """This project's ResNet-50 training and evaluation, called as ``train.train_and_evaluate`` calls
     them: ``train.start_training`` (the train state, and the training chunk compiled beside it
     through the run's exported-program cache), each chunk's batches gathered on the host
-    (``runtime.gather_batches``); evaluation by ``train.make_evaluate``."""
+    (``runtime.gather_batches``); evaluation by ``train.evaluation_program``."""
     t0 = args.t0
 
     import jax
@@ -110,7 +110,7 @@ def worker_jax(args) -> dict:
     config.batch_size = BATCH
     model = models.model_from_config(config)
     capacity = min(config.steps_per_chunk, STEPS_PER_EPOCH)
-    evaluate = train.make_evaluate(model.apply, NUM_CLASSES)
+    evaluate = train.evaluation_program(model.apply, NUM_CLASSES)
     mesh = runtime.make_mesh()
     rng_np = np.random.default_rng(0)
     images = rng_np.integers(0, 256, (NUM_TRAIN, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)

@@ -13,6 +13,14 @@ Keras weights work with any of them:
   times the direct sum's where F(4x4, 3x3) runs (a few 1e-6 of the output's scale).
 * ``'auto'`` -- 'winograd' on CPU, 'xla' elsewhere.
 
+Evaluation with 'winograd' multiplies by kernels derived once per call (``inference_kernel``):
+Winograd's transformed kernels, and for 3x3 stride-1 'same' convolutions on maps under 4x4 pixels
+(ResNet-50's last stage, 2x2) the kernel's taps as separate arrays, one product per tap over the
+pixels it sees (``conv_taps``) instead of im2col's product, 5/9 of which multiplies padding there.
+``train.evaluate_batches`` derives them and returns them beside its sums; ``Conv2D`` uses them
+when they are in the ``INFERENCE_KERNELS`` collection. Training keeps ``conv2d`` (per-tap products
+made its step slower).
+
 Padding follows TensorFlow: 'SAME' pads ``total // 2`` before and the rest after, also for even
 windows such as 2x2.
 
@@ -32,6 +40,7 @@ from jax import lax
 from resnet_flax import winograd
 
 IMPLEMENTATIONS = ("auto", "xla", "gemm", "winograd")
+INFERENCE_KERNELS = "inference_kernels"  # the flax collection of ``inference_kernel``s
 PRECISIONS = ("default", "high", "highest")
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
@@ -147,10 +156,68 @@ def winograd_tile_size(kernel_shape: Sequence[int], strides: Sequence[int], pads
     tiles; F(2x2, 3x3) at 4x4 to 7x7 pixels; below 4x4 (ResNet-50's 2x2 stage) the transformed
     kernel costs more than the products save.
     """
-    if tuple(kernel_shape[:2]) != (3, 3) or tuple(strides) != (1, 1) or pads != ((1, 1), (1, 1)):
+    if not _is_3x3_same_stride_1(kernel_shape, strides, pads):
         return None
     side = min(spatial)
     return 4 if side >= 8 else 2 if side >= 4 else None
+
+
+def _is_3x3_same_stride_1(kernel_shape: Sequence[int], strides: Sequence[int], pads: Padding) -> bool:
+    return tuple(kernel_shape[:2]) == (3, 3) and tuple(strides) == (1, 1) and pads == ((1, 1), (1, 1))
+
+
+def tap_regions(spatial: Sequence[int]) -> list[tuple[tuple[int, int], tuple[slice, slice], tuple[slice, slice]]]:
+    """For a 3x3 stride-1 'same' convolution on an H x W map: each kernel tap (a, b) that sees any
+    pixel of the map, with the input pixels it sees and the output pixels they go to (slices of
+    height and width)."""
+    regions = []
+    for a in range(3):
+        for b in range(3):
+            rows = [slice(max(0, d), min(n, n + d)) for d, n in ((a - 1, spatial[0]), (b - 1, spatial[1]))]
+            if all(r.start < r.stop for r in rows):
+                to = tuple(slice(r.start - d, r.stop - d) for r, d in zip(rows, (a - 1, b - 1)))
+                regions.append(((a, b), tuple(rows), to))
+    return regions
+
+
+def conv_taps(x: jax.Array, taps: Sequence[jax.Array], precision: str | None = None) -> jax.Array:
+    """A 3x3 stride-1 'same' convolution as one product per kernel tap, over just the pixels that
+    tap sees, summed: ``taps`` are the kernel's (C_in, C_out) taps for ``tap_regions``. On ResNet-50's
+    2x2 maps each output pixel sees 4 of the 9 taps, so this multiplies 4/9 of what im2col does."""
+    n, h, w, c = x.shape
+    out = None
+    for tap, ((a, b), (rows, cols), (out_rows, out_cols)) in zip(taps, tap_regions((h, w)), strict=True):
+        seen = x[:, rows, cols, :]
+        y = jnp.matmul(seen.reshape(-1, c), tap, precision=precision).reshape(*seen.shape[:3], -1)
+        y = jnp.pad(y, ((0, 0), (out_rows.start, h - out_rows.stop), (out_cols.start, w - out_cols.stop), (0, 0)))
+        out = y if out is None else out + y
+    return out
+
+
+def inference_kernel(kernel: jax.Array, spatial: Sequence[int], strides: Sequence[int], pads: Padding,
+                     impl: str) -> jax.Array | tuple[jax.Array, ...] | None:
+    """What evaluation multiplies by instead of ``kernel``, where that differs: under 'winograd',
+    Winograd's transformed kernel (``winograd.kernel_tiles``), or on maps under 4x4 pixels the 3x3
+    kernel's taps that see the map, as separate arrays (``conv_taps``); None elsewhere.
+
+    Evaluation derives these once per call and keeps them as outputs of its program: XLA would
+    otherwise keep them in the one scratch buffer it maps afresh on every call, which costs a page
+    fault per 4 KiB (experiments/README.md, session 9)."""
+    if resolve_impl(impl) != "winograd" or not _is_3x3_same_stride_1(kernel.shape, strides, pads):
+        return None
+    tile_size = winograd_tile_size(kernel.shape, strides, pads, spatial)
+    if tile_size is not None:
+        return winograd.kernel_tiles(kernel, tile_size)
+    # Separate arrays, not slices taken in the loop over batches: a slice is a copy on XLA:CPU.
+    return tuple(kernel[a, b] for (a, b), _, _ in tap_regions(spatial))
+
+
+def conv2d_inference(x: jax.Array, derived: jax.Array | tuple[jax.Array, ...],
+                     precision: str | None = "highest") -> jax.Array:
+    """The convolution from an ``inference_kernel`` (no gradient)."""
+    if isinstance(derived, tuple):
+        return conv_taps(x, derived, precision)
+    return winograd.conv3x3_from_tiles(x, derived, precision)
 
 
 def conv2d(
@@ -193,5 +260,22 @@ class Conv2D(nn.Module):
         kernel_shape = (*self.kernel_size, x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init, kernel_shape, jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-        y = conv2d(x, kernel, self.strides, self.padding, self.impl, self.precision)
+        derived = self._inference_kernel(kernel, x)
+        if derived is None:
+            y = conv2d(x, kernel, self.strides, self.padding, self.impl, self.precision)
+        else:
+            y = conv2d_inference(x, derived, self.precision)
         return (y, bias) if defer_bias else y + bias
+
+    def _inference_kernel(self, kernel: jax.Array, x: jax.Array):
+        """The ``inference_kernel`` where evaluation supplies ``INFERENCE_KERNELS`` (or derives them:
+        the collection mutable outside ``init``), else None."""
+        if self.has_variable(INFERENCE_KERNELS, "kernel"):
+            return self.get_variable(INFERENCE_KERNELS, "kernel")
+        if self.is_initializing() or not self.is_mutable_collection(INFERENCE_KERNELS):
+            return None
+        pads = explicit_padding(x.shape[1:3], self.kernel_size, self.strides, self.padding)
+        derived = inference_kernel(kernel, x.shape[1:3], self.strides, pads, self.impl)
+        if derived is not None:
+            self.put_variable(INFERENCE_KERNELS, "kernel", derived)
+        return derived

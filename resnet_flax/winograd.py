@@ -139,6 +139,18 @@ def _convolve(x: jax.Array, kernel_tiles: jax.Array, size: int, precision,
     return _untile(products, transforms.output)[:, :h, :w], input_tiles
 
 
+def kernel_tiles(kernel: jax.Array, tile_size: int) -> jax.Array:
+    """The HWIO 3x3 ``kernel`` transformed for F(``tile_size`` x ``tile_size``, 3 x 3): (t, t, C_in,
+    C_out) for t = ``tile_size`` + 2, what ``conv3x3_from_tiles`` multiplies by."""
+    return _kernel_transform(kernel, TRANSFORMS[tile_size].kernel)
+
+
+def conv3x3_from_tiles(x: jax.Array, tiles: jax.Array, precision: str | None = None) -> jax.Array:
+    """``conv3x3_same`` from a kernel already transformed by ``kernel_tiles`` (no gradient): for
+    evaluation, which transforms each kernel once per call rather than once per batch."""
+    return _convolve(x, tiles, tiles.shape[0] - 2, precision)[0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv3x3_same(x: jax.Array, kernel: jax.Array, tile_size: int, precision: str | None = None) -> jax.Array:
     """NHWC ``x`` convolved with the HWIO 3x3 ``kernel``, stride 1, 'same' padding, by

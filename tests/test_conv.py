@@ -157,3 +157,63 @@ def test_winograd_implementation_picks_its_tiles_and_keeps_im2col_elsewhere():
 def test_auto_is_winograd_on_cpu_and_xla_elsewhere():
     expected = "winograd" if jax.default_backend() == "cpu" else "xla"
     assert conv.resolve_impl("auto") == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation's inference kernels: Winograd's transformed kernels, per-tap kernels on small maps.
+
+@pytest.mark.parametrize("side", [1, 2, 3, 4, 8])
+def test_inference_kernels_give_the_convolution(side):
+    rng = np.random.default_rng(side)
+    x = rng.standard_normal((3, side, side, 16)).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, 16, 24)).astype(np.float32) / 12
+    expected = reference_conv(x.astype(np.float64), kernel.astype(np.float64), (1, 1), "SAME")
+    same3 = ((1, 1), (1, 1))
+    derived = conv.inference_kernel(jnp.asarray(kernel), (side, side), (1, 1), same3, "winograd")
+    if side >= 4:  # Winograd's transformed kernel, what conv2d would derive
+        tile_size = conv.winograd_tile_size(kernel.shape, (1, 1), same3, (side, side))
+        np.testing.assert_array_equal(derived, winograd.kernel_tiles(kernel, tile_size))
+    else:  # the taps that see the map: only the centre on 1x1, all nine from 2x2 up
+        assert isinstance(derived, tuple) and len(derived) == (1 if side == 1 else 9)
+    out = jax.jit(conv.conv2d_inference)(x, derived)
+    error = np.abs(np.asarray(out, np.float64) - expected).max() / np.abs(expected).max()
+    assert error < (1e-5 if side >= 8 else 1e-6), f"relative error {error:.1e}"
+
+
+def test_tap_regions_cover_every_output_pixel_with_the_taps_that_see_it():
+    """Each (tap, input pixel) pair of a 3x3 'same' convolution on a 2x3 map appears exactly once."""
+    h, w = 2, 3
+    seen = set()
+    for (a, b), (rows, cols), (out_rows, out_cols) in conv.tap_regions((h, w)):
+        for i, j in itertools.product(range(out_rows.start, out_rows.stop), range(out_cols.start, out_cols.stop)):
+            source = (i + a - 1, j + b - 1)
+            assert rows.start <= source[0] < rows.stop and cols.start <= source[1] < cols.stop
+            seen.add((i, j, a, b))
+    expected = {(i, j, a, b) for i, j, a, b in itertools.product(range(h), range(w), range(3), range(3))
+                if 0 <= i + a - 1 < h and 0 <= j + b - 1 < w}
+    assert seen == expected
+
+
+def test_only_winograd_layers_have_inference_kernels():
+    kernel = jnp.ones((3, 3, 4, 4))
+    same3, valid = ((1, 1), (1, 1)), ((0, 0), (0, 0))
+    assert conv.inference_kernel(kernel, (8, 8), (1, 1), same3, "gemm") is None
+    assert conv.inference_kernel(kernel, (8, 8), (1, 1), same3, "xla") is None
+    assert conv.inference_kernel(kernel, (8, 8), (2, 2), same3, "winograd") is None
+    assert conv.inference_kernel(kernel, (8, 8), (1, 1), valid, "winograd") is None
+    assert conv.inference_kernel(jnp.ones((1, 1, 4, 4)), (2, 2), (1, 1), valid, "winograd") is None
+
+
+def test_conv2d_layer_uses_inference_kernels_only_when_evaluation_supplies_them():
+    layer = conv.Conv2D(8, (3, 3), padding="SAME", impl="winograd")
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 2, 2, 4)).astype(np.float32))
+    variables = layer.init(jax.random.key(0), x)
+    assert set(variables) == {"params"}  # init derives nothing: checkpoints hold the kernel alone
+    plain = layer.apply(variables, x)
+    derived_out, derived = layer.apply(variables, x, mutable=[conv.INFERENCE_KERNELS])
+    assert len(derived[conv.INFERENCE_KERNELS]["kernel"]) == 9
+    np.testing.assert_allclose(derived_out, plain, rtol=1e-5, atol=1e-6)
+    # Supplied kernels are what the layer multiplies by: zero taps give the bias alone.
+    zeros = jax.tree.map(jnp.zeros_like, derived)
+    np.testing.assert_array_equal(layer.apply({**variables, **zeros}, x),
+                                  jnp.broadcast_to(variables["params"]["bias"], plain.shape))

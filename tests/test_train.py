@@ -14,7 +14,7 @@ import pytest
 from conftest import (REPO, assert_states_close, assert_trees_equal, checkpoint_trees, needs_deterministic_runs,
                       smoke_config, write_signs_h5)
 from resnet_flax import config as config_lib
-from resnet_flax import input_pipeline, models, program_cache, runtime, train
+from resnet_flax import conv, input_pipeline, models, program_cache, runtime, train
 from resnet_flax.errors import UserError
 
 
@@ -140,7 +140,7 @@ def test_evaluation_is_compiled_with_its_own_xla_options(tiny_products_and_batch
     equal batch-by-batch evaluation compiled with XLA's defaults up to rounding."""
     model, variables, batches = tiny_products_and_batches
     assert runtime.evaluation_compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": ""}
-    direct = train.make_evaluate(model.apply, 6).lower(variables, batches).compile()
+    direct = train.evaluation_program(model.apply, 6).lower(variables, batches).compile()
     programs = program_cache.ProgramCache(tmp_path, "key")
     exported = programs.compile("evaluate", train.evaluate_batches(model.apply, 6), variables, batches,
                                 compiler_options=runtime.evaluation_compiler_options())
@@ -151,9 +151,44 @@ def test_evaluation_is_compiled_with_its_own_xla_options(tiny_products_and_batch
     by_batch = [defaults(variables, jax.tree.map(lambda a, i=i: a[i], batches)) for i in range(3)]
     expected = jax.tree.map(lambda *sums: sum(float(s) for s in sums), *by_batch)
     for program in (direct, exported):
-        sums = jax.device_get(program(variables, batches))
+        sums = jax.device_get(program(variables, batches)[0])
         assert sums["count"] == expected["count"] == 24 and sums["correct"] == expected["correct"]
         np.testing.assert_allclose(sums["loss_sum"], expected["loss_sum"], rtol=1e-5)
+
+
+def test_evaluation_derives_inference_kernels_up_front_with_the_layers_results(tiny_products_and_batches):
+    """On 16x16 images resnet_tiny's 3x3 convolutions see 3x3 and 2x2 maps: the evaluation program
+    derives their per-tap kernels up front, returns them, and its sums equal those of the layers'
+    own convolutions (im2col there), batch by batch."""
+    model, _, batches = tiny_products_and_batches
+    batches = {**batches, "image": batches["image"][:, :, :16, :16]}
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
+    sums, kernels = jax.device_get(train.evaluation_program(model.apply, 6)(variables, batches))
+    derived = kernels[conv.INFERENCE_KERNELS]
+    assert {name: len(layer[next(iter(layer))]["kernel"]) for name, layer in derived.items()} == {
+        "block2a": 9, "block3a": 9}  # the 3x3 'same' layers, as taps; the rest derive nothing
+
+    by_batch = [train.eval_step(model.apply, variables, jax.tree.map(lambda a, i=i: a[i], batches), num_classes=6)
+                for i in range(3)]
+    expected = jax.tree.map(lambda *sums: sum(float(s) for s in sums), *by_batch)
+    assert sums["count"] == expected["count"] == 24 and sums["correct"] == expected["correct"]
+    np.testing.assert_allclose(sums["loss_sum"], expected["loss_sum"], rtol=1e-5)
+
+
+def test_evaluation_keeps_winograd_kernels_out_of_its_scratch_buffer(tiny_products_and_batches):
+    """The scratch buffer XLA allocates per call of the evaluation is smaller by at least the
+    Winograd kernels' size than that of the same evaluation deriving them in its loop over batches
+    (from which XLA hoists them into that buffer)."""
+    model, variables, batches = tiny_products_and_batches
+    evaluation = train.evaluation_program(model.apply, 6)
+    program = evaluation.lower(variables, batches).compile()
+    derived = jax.eval_shape(evaluation, variables, batches)[1][conv.INFERENCE_KERNELS]
+    assert set(derived) == {"block2a", "block3a"}  # 15x15 and 8x8 maps: F(4x4, 3x3) kernels
+    in_loop = jax.jit(lambda v, b: train._scan_batches(
+        lambda v, b: (v, train.eval_step(model.apply, v, b, num_classes=6)), v, b)[1])
+    saved = in_loop.lower(variables, batches).compile().memory_analysis().temp_size_in_bytes - (
+        program.memory_analysis().temp_size_in_bytes)
+    assert saved >= sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(derived)) > 0
 
 
 def test_evaluation_compiles_with_defaults_where_xla_rejects_its_options(tiny_products_and_batches, monkeypatch):
