@@ -186,7 +186,7 @@ def conv_taps(x: jax.Array, taps: Sequence[jax.Array], precision: str | None = N
     2x2 maps each output pixel sees 4 of the 9 taps, so this multiplies 4/9 of what im2col does."""
     n, h, w, c = x.shape
     out = None
-    for tap, ((a, b), (rows, cols), (out_rows, out_cols)) in zip(taps, tap_regions((h, w)), strict=True):
+    for tap, (_, (rows, cols), (out_rows, out_cols)) in zip(taps, tap_regions((h, w)), strict=True):
         seen = x[:, rows, cols, :]
         y = jnp.matmul(seen.reshape(-1, c), tap, precision=precision).reshape(*seen.shape[:3], -1)
         y = jnp.pad(y, ((0, 0), (out_rows.start, h - out_rows.stop), (out_cols.start, w - out_cols.stop), (0, 0)))

@@ -185,7 +185,8 @@ def test_evaluation_keeps_winograd_kernels_out_of_its_scratch_buffer(tiny_produc
     derived = jax.eval_shape(evaluation, variables, batches)[1][conv.INFERENCE_KERNELS]
     assert set(derived) == {"block2a", "block3a"}  # 15x15 and 8x8 maps: F(4x4, 3x3) kernels
     in_loop = jax.jit(lambda v, b: train._scan_batches(
-        lambda v, b: (v, train.eval_step(model.apply, v, b, num_classes=6)), v, b)[1])
+        lambda v, b: (v, train.eval_step(model.apply, v, b, num_classes=6)), v, b)[1],
+        compiler_options=runtime.evaluation_compiler_options())
     saved = in_loop.lower(variables, batches).compile().memory_analysis().temp_size_in_bytes - (
         program.memory_analysis().temp_size_in_bytes)
     assert saved >= sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(derived)) > 0
