@@ -112,30 +112,29 @@ def _pad_to_tiles(x: jax.Array, size: int, border: int) -> jax.Array:
 
 
 def _kernel_transform(kernel: jax.Array, matrix: np.ndarray) -> jax.Array:
-    """``matrix @ kernel @ matrix^T`` over the two spatial axes of an HWIO kernel (XLA hoists it
-    out of the evaluation loop over batches)."""
+    """``matrix @ kernel @ matrix^T`` over the two spatial axes of an HWIO kernel."""
     rows, taps = matrix.shape
     return _times_kron(matrix, kernel.reshape(taps * taps, -1)).reshape(rows, rows, *kernel.shape[2:])
 
 
-def _products(tiles: jax.Array, kernel_tiles: jax.Array, precision, swap_kernel_channels=False):
+def _products(tiles: jax.Array, transformed_kernel: jax.Array, precision, swap_kernel_channels=False):
     """For each of the t*t tile positions, (tiles, C_in) @ (C_in, C_out), as one batched product;
     with ``swap_kernel_channels`` the kernel's (C_out, C_in) is used transposed instead."""
     t = tiles.shape[0]
     lhs = tiles.reshape(t * t, -1, tiles.shape[-1])
-    rhs = kernel_tiles.reshape(t * t, *kernel_tiles.shape[2:])
+    rhs = transformed_kernel.reshape(t * t, *transformed_kernel.shape[2:])
     contract = 2 if swap_kernel_channels else 1
     out = lax.dot_general(lhs, rhs, (((2,), (contract,)), ((0,), (0,))), precision=precision)
     return out.reshape(*tiles.shape[:-1], out.shape[-1])
 
 
-def _convolve(x: jax.Array, kernel_tiles: jax.Array, size: int, precision,
+def _convolve(x: jax.Array, transformed_kernel: jax.Array, size: int, precision,
               swap_kernel_channels: bool = False) -> tuple[jax.Array, jax.Array]:
     """The convolution from transformed kernel tiles; also returns the transformed input tiles."""
     transforms = TRANSFORMS[size]
     _, h, w, _ = x.shape
     input_tiles = _transform_tiles(_pad_to_tiles(x, size, 1), transforms.input, size)
-    products = _products(input_tiles, kernel_tiles, precision, swap_kernel_channels)
+    products = _products(input_tiles, transformed_kernel, precision, swap_kernel_channels)
     return _untile(products, transforms.output)[:, :h, :w], input_tiles
 
 
@@ -159,8 +158,7 @@ def conv3x3_same(x: jax.Array, kernel: jax.Array, tile_size: int, precision: str
 
 
 def _conv3x3_same_fwd(x, kernel, tile_size, precision):
-    kernel_tiles = _kernel_transform(kernel, TRANSFORMS[tile_size].kernel)
-    y, input_tiles = _convolve(x, kernel_tiles, tile_size, precision)
+    y, input_tiles = _convolve(x, kernel_tiles(kernel, tile_size), tile_size, precision)
     return y, (input_tiles, kernel)
 
 
