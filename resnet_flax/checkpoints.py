@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from resnet_flax import runtime
 from resnet_flax.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -167,3 +168,35 @@ def restore_variables(path: str | Path, variables: Mapping, epoch: int | None = 
     finally:
         manager.close()
     return dict(restored["variables"]), (dict(restored["optimizer"]) if optimizer is not None else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's train state (``steps.TrainState``) as checkpoint items, so weights can be read alone.
+
+
+def split_state(state) -> tuple[dict, dict]:
+    """``(variables, optimizer)``: params and batch_stats; optimizer state and step."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return variables, {"opt_state": state.opt_state, "step": state.step}
+
+
+def save_state(checkpointer: Checkpointer, epoch: int, state, config: ml_collections.ConfigDict) -> None:
+    checkpointer.save(epoch, *split_state(state), config)
+
+
+def restore_run(state, config: ml_collections.ConfigDict, checkpointer: Checkpointer):
+    """Resumes from the workdir's newest good checkpoint, else starts from ``config.restore_from``
+    if set, else keeps the fresh ``state``. Returns the state and the last completed epoch."""
+    variables, optimizer = (runtime.abstract(tree) for tree in split_state(state))
+    restored = checkpointer.restore_latest(variables, optimizer)
+    if restored is not None:
+        variables, optimizer, epoch = restored
+        print(f"Resuming from {checkpointer.root / str(epoch)} (epoch {epoch})", flush=True)
+        return state.replace(**variables, **optimizer), epoch
+    if config.restore_from:
+        variables, optimizer = restore_variables(
+            config.restore_from, variables, optimizer=optimizer if config.restore_optimizer else None)
+        what = "weights and optimizer state" if config.restore_optimizer else "weights"
+        print(f"Starting from the {what} of {config.restore_from}", flush=True)
+        return state.replace(**variables, **(optimizer or {})), 0
+    return state, 0

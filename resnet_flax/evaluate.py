@@ -7,10 +7,9 @@ checkpoint in DIR, or ``--epoch``. ``--data_dir`` reads the data from elsewhere 
 import json
 import sys
 
-import numpy as np
 from absl import app, flags, logging
 
-from resnet_flax import input_pipeline, pretrained, runtime, train
+from resnet_flax import evaluation, input_pipeline, pretrained, runtime
 from resnet_flax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -32,10 +31,8 @@ def evaluate_checkpoint(workdir, epoch=None, data_dir=None, batch_size=40) -> di
     if data_dir is not None:
         config.data_dir = data_dir
     test = input_pipeline.load_dataset(config).test
-    indices, mask = input_pipeline.batch_indices(np.arange(len(test)), batch_size)
-    evaluate = train.make_evaluate(trained.model.apply, config.num_classes)
-    batches = runtime.gather_batches(test.images, test.labels, indices, mask, runtime.make_mesh())
-    result = train.summarize(evaluate(trained.variables, batches))
+    evaluate = evaluation.Evaluator(trained.model.apply, config.num_classes)
+    result = evaluate(trained.variables, evaluation.split_batches(test, batch_size, runtime.make_mesh()))
     return {"test_loss": result["loss"], "test_accuracy": result["accuracy"],
             "examples": result["count"], "epoch": trained.epoch, "data": test.source}
 

@@ -15,16 +15,20 @@ from ml_collections import config_flags
 from resnet_flax import runtime, train
 from resnet_flax.errors import UserError
 
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go (default: runs/<config>).")
-flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                  "jax.distributed.initialize(): 'auto' when a coordinator is given or a cluster "
-                  "launcher (Slurm, Open MPI) started several tasks.")
-flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (or $JAX_COORDINATOR_ADDRESS).")
-flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
-flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a command so that importing stays free."""
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go (default: runs/<config>).")
+    flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                      "jax.distributed.initialize(): 'auto' when a coordinator is given or a cluster "
+                      "launcher (Slurm, Open MPI) started several tasks.")
+    flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (or $JAX_COORDINATOR_ADDRESS).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
+    flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+    flags.mark_flags_as_required(["config"])
 
 
 def default_workdir(config_path: str) -> str:
@@ -46,4 +50,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -7,8 +7,14 @@ module named ``block{stage}{block}`` that holds its layers, so ``res2a_branch2a`
 ``params['block2a']['res2a_branch2a']``; :func:`keras_layer_paths` lists every name with its path.
 
 Keras defaults where they differ from Flax's: conv bias on, Glorot-uniform kernels, BatchNorm
-epsilon 1e-3 and momentum 0.99, TensorFlow 'SAME' padding. The mode is always explicit:
-``model.apply(variables, x, train=...)``; ``train=True`` needs ``mutable=['batch_stats']``.
+epsilon 1e-3 and momentum 0.99, TensorFlow 'SAME' padding (``resnet_flax.layers``). The mode is
+always explicit: ``model.apply(variables, x, train=...)``; ``train=True`` needs
+``mutable=['batch_stats']``.
+
+As in flax's own ImageNet ResNet, the blocks receive their layers as module factories (``conv``,
+``norm``; ``functools.partial`` of ``layers.Conv2D`` and ``layers.BatchNorm``), which
+:func:`create_model` resolves once from the config: which kernels compute the convolutions and at
+what precision is decided there, not in the architecture.
 """
 
 import functools
@@ -20,15 +26,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_flax import batchnorm, pooling
-from resnet_flax.conv import PRECISIONS, Conv2D
+from resnet_flax import layers
 from resnet_flax.errors import UserError
+from resnet_flax.ops import conv as conv_ops
+from resnet_flax.ops.pooling import max_pool
 
 ModuleDef = Callable[..., nn.Module]
-
-# Keras BatchNormalization defaults (Flax's own are momentum 0.99, epsilon 1e-5).
-BN_MOMENTUM = 0.99
-BN_EPSILON = 1e-3
 
 
 def layer_name_bases(stage: int | str, block: str) -> tuple[str, str]:
@@ -36,15 +39,14 @@ def layer_name_bases(stage: int | str, block: str) -> tuple[str, str]:
     return f"res{stage}{block}_branch", f"bn{stage}{block}_branch"
 
 
-def conv_batchnorm(x: jax.Array, filters: int, window: int, conv_name: str, bn_name: str, *,
-                   strides: int = 1, padding: str = "VALID", relu: bool = False, conv_impl: str,
-                   precision: str, train: bool, mask: jax.Array | None) -> jax.Array:
+def conv_batchnorm(conv: ModuleDef, norm: ModuleDef, x: jax.Array, filters: int, window: int,
+                   conv_name: str, bn_name: str, *, strides: int = 1, padding: str = "VALID",
+                   relu: bool = False, train: bool, mask: jax.Array | None) -> jax.Array:
     """Keras ``Conv2D`` (``conv_name``) -> ``BatchNormalization`` (``bn_name``) [-> ReLU], inside the
-    calling module. The conv's bias is added inside the BatchNorm (see ``resnet_flax.batchnorm``)."""
-    x, conv_bias = Conv2D(filters, (window, window), strides=(strides, strides), padding=padding,
-                          impl=conv_impl, precision=precision, name=conv_name)(x, defer_bias=True)
-    return batchnorm.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                               name=bn_name)(x, conv_bias, mask=mask, relu=relu)
+    calling module. The conv's bias is added inside the BatchNorm (see ``resnet_flax.ops.batchnorm``)."""
+    x, conv_bias = conv(filters, (window, window), strides=(strides, strides), padding=padding,
+                        name=conv_name)(x, defer_bias=True)
+    return norm(use_running_average=not train, name=bn_name)(x, conv_bias, mask=mask, relu=relu)
 
 
 class IdentityBlock(nn.Module):
@@ -59,8 +61,8 @@ class IdentityBlock(nn.Module):
     kernel_size: int
     stage: int | str
     block: str
-    conv_impl: str = "auto"
-    precision: str = "highest"
+    conv: ModuleDef = layers.Conv2D
+    norm: ModuleDef = layers.BatchNorm
     residual: bool = True
 
     @nn.compact
@@ -68,8 +70,7 @@ class IdentityBlock(nn.Module):
         f1, f2, f3 = self.filters
         f = self.kernel_size
         conv_name, bn_name = layer_name_bases(self.stage, self.block)
-        conv_bn = functools.partial(conv_batchnorm, conv_impl=self.conv_impl, precision=self.precision,
-                                    train=train, mask=mask)
+        conv_bn = functools.partial(conv_batchnorm, self.conv, self.norm, train=train, mask=mask)
         shortcut = x
 
         x = conv_bn(x, f1, 1, conv_name + "2a", bn_name + "2a", relu=True)
@@ -91,8 +92,8 @@ class ConvolutionalBlock(nn.Module):
     stage: int | str
     block: str
     strides: int = 2
-    conv_impl: str = "auto"
-    precision: str = "highest"
+    conv: ModuleDef = layers.Conv2D
+    norm: ModuleDef = layers.BatchNorm
     residual: bool = True
 
     @nn.compact
@@ -100,8 +101,7 @@ class ConvolutionalBlock(nn.Module):
         f1, f2, f3 = self.filters
         f, s = self.kernel_size, self.strides
         conv_name, bn_name = layer_name_bases(self.stage, self.block)
-        conv_bn = functools.partial(conv_batchnorm, conv_impl=self.conv_impl, precision=self.precision,
-                                    train=train, mask=mask)
+        conv_bn = functools.partial(conv_batchnorm, self.conv, self.norm, train=train, mask=mask)
         shortcut = x
 
         x = conv_bn(x, f1, 1, conv_name + "2a", bn_name + "2a", strides=s, relu=True)
@@ -127,9 +127,9 @@ class ResNet(nn.Module):
       stage_filters: (F1, F2, F3) of each stage.
       stem_features: filters of ``conv1``.
       kernel_size: the middle window ``f`` of every block.
-      conv_impl: 'auto', 'xla', 'gemm' or 'winograd' (see ``resnet_flax.conv``).
-      precision: matmul/conv precision of every conv and the dense layer: 'highest' (float32
-        products on every backend), 'high' or 'default' (the backend's fastest, e.g. TF32 on GPU).
+      conv, norm, dense: module factories of the convolution, BatchNorm and output layers
+        (``layer_factories`` gives the convolutions their implementation, and them and the
+        output layer their precision).
       residual: False builds the plain twin: the same layers without shortcut additions (the
         convolutional blocks' shortcut convs are dropped as well).
     """
@@ -144,8 +144,9 @@ class ResNet(nn.Module):
     )
     stem_features: int = 64
     kernel_size: int = 3
-    conv_impl: str = "auto"
-    precision: str = "highest"
+    conv: ModuleDef = layers.Conv2D
+    norm: ModuleDef = layers.BatchNorm
+    dense: ModuleDef = functools.partial(nn.Dense, precision="highest")
     residual: bool = True
 
     @nn.compact
@@ -159,9 +160,9 @@ class ResNet(nn.Module):
         if mask is not None:
             mask = mask.reshape(-1, 1, 1, 1)
         x = jnp.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)))
-        x = conv_batchnorm(x, self.stem_features, 7, "conv1", "bn_conv1", strides=2, relu=True,
-                           conv_impl=self.conv_impl, precision=self.precision, train=train, mask=mask)
-        x = pooling.max_pool(x, (3, 3), strides=(2, 2))
+        x = conv_batchnorm(self.conv, self.norm, x, self.stem_features, 7, "conv1", "bn_conv1", strides=2,
+                           relu=True, train=train, mask=mask)
+        x = max_pool(x, (3, 3), strides=(2, 2))
         self.sow("intermediates", "stage1", x)
 
         for index, (num_blocks, filters) in enumerate(zip(self.stage_sizes, self.stage_filters)):
@@ -173,8 +174,8 @@ class ResNet(nn.Module):
                     kernel_size=self.kernel_size,
                     stage=stage,
                     block=letter,
-                    conv_impl=self.conv_impl,
-                    precision=self.precision,
+                    conv=self.conv,
+                    norm=self.norm,
                     residual=self.residual,
                     name=f"block{stage}{letter}",
                 )
@@ -187,12 +188,8 @@ class ResNet(nn.Module):
         x = nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
         self.sow("intermediates", "avg_pool", x)
         x = x.reshape(x.shape[0], -1)
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=nn.initializers.glorot_uniform(),
-            precision=self.precision,
-            name=f"fc{self.num_classes}",
-        )(x)
+        return self.dense(self.num_classes, kernel_init=nn.initializers.glorot_uniform(),
+                          name=f"fc{self.num_classes}")(x)
 
 
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
@@ -233,16 +230,30 @@ def keras_layer_paths(variables: Mapping[str, Any]) -> dict[str, tuple[str, ...]
     return paths
 
 
+def layer_factories(conv_impl: str = "auto", precision: str = "highest") -> dict[str, ModuleDef]:
+    """The ``conv``, ``norm`` and ``dense`` factories of a model whose convolutions run as
+    ``conv_impl`` ('auto' resolved here, for the default backend) and whose products run at
+    ``precision``: 'highest' (float32 products on every backend), 'high' or 'default' (the
+    backend's fastest, e.g. TensorFloat-32 on GPU)."""
+    if precision not in conv_ops.PRECISIONS:
+        raise UserError(f"config.matmul_precision must be one of {conv_ops.PRECISIONS}, got {precision!r}")
+    if conv_impl not in conv_ops.IMPLEMENTATIONS:
+        raise UserError(f"config.conv_impl must be one of {conv_ops.IMPLEMENTATIONS}, got {conv_impl!r}")
+    return {
+        "conv": functools.partial(layers.Conv2D, impl=conv_ops.resolve_impl(conv_impl), precision=precision),
+        "norm": layers.BatchNorm,
+        "dense": functools.partial(nn.Dense, precision=precision),
+    }
+
+
 def create_model(name: str, *, num_classes: int, conv_impl: str = "auto",
                  precision: str = "highest") -> ResNet:
-    """Builds one of :data:`MODELS` by name."""
+    """Builds one of :data:`MODELS` by name, its layers resolved by :func:`layer_factories`."""
     if name not in MODELS:
         raise UserError(f"config.model: unknown model {name!r}; expected one of {sorted(MODELS)}")
     if num_classes < 1:
         raise UserError(f"config.num_classes must be >= 1, got {num_classes}")
-    if precision not in PRECISIONS:
-        raise UserError(f"config.matmul_precision must be one of {PRECISIONS}, got {precision!r}")
-    return MODELS[name](num_classes=num_classes, conv_impl=conv_impl, precision=precision)
+    return MODELS[name](num_classes=num_classes, **layer_factories(conv_impl, precision))
 
 
 def model_from_config(config: Mapping[str, Any], num_classes: int | None = None) -> ResNet:

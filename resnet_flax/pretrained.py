@@ -38,8 +38,7 @@ def abstract_variables(model: models.ResNet, image_size: int, mesh=None) -> dict
     all devices): a checkpoint restores onto these devices whatever devices wrote it."""
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), dummy)
-    sharding = runtime.replicated(runtime.make_mesh() if mesh is None else mesh)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+    return runtime.abstract(shapes, runtime.replicated(runtime.make_mesh() if mesh is None else mesh))
 
 
 def load(workdir: str | Path, epoch: int | None = None) -> Trained:

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_flax import input_pipeline, models
+from resnet_flax import input_pipeline, layers
 
 
-def batch_statistics(apply_fn, variables, batch, momentum: float = models.BN_MOMENTUM):
+def batch_statistics(apply_fn, variables, batch, momentum: float = layers.BN_MOMENTUM):
     """Every BatchNorm layer's mean and variance on one (masked) batch, in training-mode forward.
 
     Flax's update is ``new = momentum * old + (1 - momentum) * batch``; run from zeros it gives

@@ -100,6 +100,13 @@ def replicated_scalar(value: np.generic, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_callback((), replicated(mesh), lambda _: np.asarray(value))
 
 
+def abstract(tree, sharding: jax.sharding.Sharding | None = None):
+    """Shapes and dtypes of ``tree``'s arrays (or ``ShapeDtypeStruct``s), with ``sharding`` or
+    else each leaf's own: what a program is compiled for, or a checkpoint restored into."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=getattr(x, "sharding", None) if sharding is None else sharding), tree)
+
+
 def along_batch(mesh: Mesh) -> NamedSharding:
     """For (steps, batch, ...) arrays: the batch axis split across the mesh."""
     return NamedSharding(mesh, P(None, DATA_AXIS))

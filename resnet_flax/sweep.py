@@ -1,13 +1,14 @@
 """Families of runs: ``python -m resnet_flax.sweep --config=configs/sweeps/NAME.py --workdir=runs/NAME``.
 
 A sweep config file has ``get_config()`` (the base run config) and ``get_sweep()`` (a list of
-override dicts, built with :func:`sweep`, :func:`product` and :func:`zip_sweeps`). Each setting
+override dicts, built with :func:`sweep`, :func:`product` and :func:`zip_sweeps`). The base config
+takes command-line overrides as ``main`` does (``--config.num_epochs=5``); a setting's own values
+win over them. Each setting
 runs in its own sub-workdir; a setting whose ``summary.json`` exists is skipped and a killed one
 resumes from its checkpoints, so a killed sweep restarted with the same command picks up where it
 stopped. At the end ``results.csv``, ``results.md`` and ``results.png`` tabulate every run.
 """
 
-import ast
 import csv
 import itertools
 import json
@@ -20,6 +21,7 @@ from typing import Any
 
 import ml_collections
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from resnet_flax import metrics, train
 from resnet_flax.config import load_config_module
@@ -102,38 +104,27 @@ def write_results(rows: Sequence[Mapping[str, Any]], workdir: str | Path, title:
 
 def define_flags() -> None:
     """Command-line flags, defined only when run as a command so that importing stays free."""
-    flags.DEFINE_string("config", None, "Sweep config file (configs/sweeps/*.py).", required=True)
+    config_flags.DEFINE_config_file("config", None, "Sweep config file (configs/sweeps/*.py).", lock_config=True)
     flags.DEFINE_string("workdir", None, "Where the runs go (default runs/<sweep name>).")
-    flags.DEFINE_multi_string("set", [], "Base config override NAME=VALUE (a Python literal), repeatable.")
+    flags.mark_flags_as_required(["config"])
 
 
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.ERROR)
     FLAGS = flags.FLAGS
-    workdir = Path(FLAGS.workdir or Path("runs") / Path(FLAGS.config).stem)
+    config_file = FLAGS["config"].config_filename.split(":")[0]
+    workdir = Path(FLAGS.workdir or Path("runs") / Path(config_file).stem)
     start = time.perf_counter()
     try:
-        module = load_config_module(FLAGS.config)
-        base = module.get_config()
-        for item in FLAGS.set:
-            name, _, value = item.partition("=")
-            base = apply_overrides(base, {name: _literal(value)})
-        rows = run_sweep(base, module.get_sweep(), workdir)
-        write_results(rows, workdir, title=f"sweep {Path(FLAGS.config).stem}")
+        settings = load_config_module(config_file).get_sweep()
+        rows = run_sweep(FLAGS.config, settings, workdir)
+        write_results(rows, workdir, title=f"sweep {Path(config_file).stem}")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     print(f"{len(rows)} runs in {time.perf_counter() - start:.0f}s; table: {workdir / 'results.md'}")
     print((workdir / "results.md").read_text())
-
-
-def _literal(text: str):
-    """``--set`` values: Python literals (numbers, booleans, quoted strings), else the text."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 if __name__ == "__main__":

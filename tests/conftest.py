@@ -5,6 +5,7 @@ from pathlib import Path
 
 import h5py
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,6 +13,22 @@ from resnet_flax import input_pipeline
 from resnet_flax.config import default_config, load_config_file
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (compiled-program checks, the real ResNet-50); "
+                          ".ci/run does")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` are deselected unless ``--run-slow`` is given."""
+    if config.getoption("--run-slow"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 @pytest.fixture(scope="session")
@@ -121,3 +138,22 @@ needs_deterministic_runs = pytest.mark.skipif(
     jax.default_backend() == "gpu" and not _gpu_runs_are_deterministic(),
     reason="XLA's GPU kernels are not run-to-run deterministic by default; set XLA_FLAGS="
            "'--xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0' (README, 'On a GPU')")
+
+
+@pytest.fixture(scope="session")
+def tiny_setup(signs_dir):
+    """(config, train state, images, labels): resnet_tiny with XLA's convolutions and 40 SIGNS
+    training images, for the tests of single steps. Shared: tests must not donate the state."""
+    from resnet_flax import models, steps
+
+    config = smoke_config(batch_size=8)
+    split = input_pipeline.load_h5_split(signs_dir / "train_signs.h5", "train", 6)
+    model = models.create_model(config.model, num_classes=6, conv_impl="xla")
+    state = steps.create_train_state(config, model, steps_per_epoch=10)
+    return config, state, split.images[:40], split.labels[:40]
+
+
+def batch_of(images, labels, indices, mask=None):
+    mask = np.ones(len(indices), bool) if mask is None else mask
+    return {"image": jnp.asarray(images[indices]), "label": jnp.asarray(labels[indices]),
+            "mask": jnp.asarray(mask)}

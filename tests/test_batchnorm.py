@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_flax.batchnorm import BatchNorm
+from resnet_flax.layers import BatchNorm
 
 SHAPE = (8, 5, 5, 16)
 rng = np.random.default_rng(0)

@@ -21,14 +21,14 @@ FOUR_DEVICES_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, "tests")
     from conftest import smoke_config
-    from resnet_flax import input_pipeline, models, runtime, train
+    from resnet_flax import input_pipeline, models, runtime, steps
     from resnet_flax.errors import UserError
 
     assert jax.device_count() == 4
     config = smoke_config(batch_size=16)
     split = input_pipeline.load_dataset(config).train
     model = models.create_model(config.model, num_classes=6)
-    fresh = jax.device_get(train.create_train_state(config, model, steps_per_epoch=10))  # host copy: steps donate
+    fresh = jax.device_get(steps.create_train_state(config, model, steps_per_epoch=10))  # host copy: steps donate
     indices, mask = input_pipeline.batch_indices(input_pipeline.epoch_order(0, 1, 40), 16)  # 16, 16, 8 + 8 padding
     results = {}
     for name, devices in (("one", jax.devices()[:1]), ("four", jax.devices())):
@@ -36,7 +36,7 @@ FOUR_DEVICES_SCRIPT = textwrap.dedent("""
         state = jax.device_put(fresh, runtime.replicated(mesh))
         batches = runtime.gather_batches(split.images, split.labels, indices, mask, mesh)
         assert len(batches["image"].sharding.device_set) == len(devices)
-        state, sums = train.make_train_chunk(config)(state, batches)
+        state, sums = steps.make_train_chunk(config)(state, batches)
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         flat = jax.tree_util.tree_leaves_with_path(jax.device_get(variables))
         results.update({f"{name}:{jax.tree_util.keystr(p)}": np.asarray(v) for p, v in flat})
@@ -84,22 +84,31 @@ def assert_close_to_reference(workdir, reference_dir):
     """A run's params and batch statistics after the smoke config's 17 steps are those of the
     one-process reference run, as far as 17 steps of Adam let two runs agree.
 
-    A sharded batch sums in another order, and Adam divides each gradient by its own size: where a
-    gradient is near zero, a rounding difference becomes a visibly different step, and from there
-    the difference spreads. Measured (tiny model, 4 devices vs 1): 3e-7 apart after the first step,
-    after the 17th a median of 1e-4 and a maximum of 2e-3. So: the median stays small, and no value
-    is further apart than two runs of 17 steps of at most lr each could take it. Exact agreement
-    over three steps is test_four_devices_train_like_one's job.
+    Two runs that differ only in the order of their sums do not stay equal: a rounding difference
+    at a tie of a ReLU or of the max-pool sends a pixel's gradient elsewhere, and Adam's first
+    steps are nearly lr * sign(gradient), so a kernel entry whose gradient is near zero steps +lr
+    in one run and -lr in the other (4 devices against 1 on an AVX2 machine: 1% of conv1's kernel
+    2e-3 apart after the first step); from there the difference spreads, by how much depends on
+    the CPU's rounding (median after 17 steps: 1e-4 on an AVX-512 Xeon, 4e-4 on an AVX2 EPYC).
+    What holds on any machine: no parameter is further apart than two runs of 17 steps of about
+    lr each could take it, the typical parameter far less (median under a quarter of that), and
+    the batch statistics, running averages of the layers' inputs, within 1% of their size in the
+    median. Agreement step by step is test_four_devices_train_like_one's job.
     """
     steps, learning_rate = 17, smoke_config().learning_rate
     ours, reference = checkpoint_trees(workdir)[0], checkpoint_trees(reference_dir)[0]
-    for collection in ("params", "batch_stats"):
-        differences = np.concatenate([np.abs(np.ravel(a) - np.ravel(b)) for a, b in zip(
-            jax.tree.leaves(ours[collection]), jax.tree.leaves(reference[collection]))])
-        assert np.median(differences) < 5e-4, collection
-        assert differences.max() < 2 * steps * learning_rate, collection
+
+    def flat(tree):
+        return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
+
+    params, reference_params = flat(ours["params"]), flat(reference["params"])
+    assert np.abs(params - reference_params).max() < 2 * steps * learning_rate
+    assert np.median(np.abs(params - reference_params)) < steps * learning_rate / 4
+    stats, reference_stats = flat(ours["batch_stats"]), flat(reference["batch_stats"])
+    assert np.median(np.abs(stats - reference_stats) / np.abs(reference_stats)) < 0.01
 
 
+@pytest.mark.slow
 def test_main_on_four_devices(one_epoch_reference, tmp_path):
     reference_dir, reference = one_epoch_reference
     workdir = tmp_path / "four"
@@ -109,10 +118,12 @@ def test_main_on_four_devices(one_epoch_reference, tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["device_count"] == 4 and summary["steps"] == reference["steps"]
-    assert abs(summary["test_loss"] - reference["test_loss"]) < 5e-3
+    # The test loss moves with the parameters (assert_close_to_reference): within about 1%.
+    assert abs(summary["test_loss"] - reference["test_loss"]) < 0.01 * reference["test_loss"]
     assert_close_to_reference(workdir, reference_dir)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(one_epoch_reference, tmp_path):
     reference_dir, reference = one_epoch_reference
     workdir = tmp_path / "pair"
@@ -132,7 +143,7 @@ def test_two_processes_train_like_one(one_epoch_reference, tmp_path):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["process_count"] == 2 and summary["device_count"] == 2
     assert summary["steps"] == reference["steps"]
-    assert abs(summary["test_loss"] - reference["test_loss"]) < 5e-3
+    assert abs(summary["test_loss"] - reference["test_loss"]) < 0.01 * reference["test_loss"]
     assert_close_to_reference(workdir, reference_dir)
     # The pair's checkpoint restores in a single process and evaluates as the pair did.
     trained = pretrained.load(workdir)

@@ -219,6 +219,7 @@ def test_keras3_weights_without_layer_names_are_matched_by_position(keras_model,
     assert_trees_identical(variables, imported[0])
 
 
+@pytest.mark.slow
 def test_inference_matches_keras_block_by_block(keras_model, imported, images):
     variables, _ = imported
     # The Activation that ends each block is the one fed by an Add.
@@ -244,6 +245,7 @@ def test_inference_matches_keras_block_by_block(keras_model, imported, images):
     assert max_abs_diff(jax.nn.softmax(logits), keras_probs) < TOLERANCE
 
 
+@pytest.mark.slow
 def test_training_forward_pass_matches_keras(keras_model, imported, images):
     variables, _ = imported
     # stateless_call: Keras's training-mode pass without changing the shared model's statistics.
@@ -271,6 +273,7 @@ def test_training_forward_pass_matches_keras(keras_model, imported, images):
 # --- export -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fmt, load_kwargs",
     [("weights_h5", {}), ("legacy_h5", {}), ("legacy_h5", {"by_name": True})],
@@ -410,6 +413,7 @@ def test_theano_era_files_are_refused(exported, tmp_path):
 # --- the command line: Keras file -> checkpoint -> predict/evaluate -> Keras file ---------------
 
 
+@pytest.mark.slow
 def test_import_command_makes_a_checkpoint_that_predicts_like_keras(keras_model, keras_files, tmp_path):
     import subprocess
     import sys

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_flax import pooling
+from resnet_flax.ops import pooling
 
 # The stem's 3x3/2 pool, an uneven window and stride, and non-overlapping windows.
 CASES = [
@@ -22,7 +22,7 @@ def flax_max_pool(x, window, strides):
 
 def max_of_stacked_taps(x, window, strides):
     """The naive pool: jnp.max over the stacked taps, whose gradient splits ties evenly."""
-    return jnp.max(jnp.stack(list(pooling._taps(x, window, strides))), axis=0)
+    return jnp.max(jnp.stack(list(pooling.window_taps(x, window, strides))), axis=0)
 
 
 def inputs_with_ties(shape, seed=0):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_trees_equal, needs_deterministic_runs, smoke_config
-from resnet_flax import input_pipeline, models, program_cache, runtime, train
+from resnet_flax import checkpoints, input_pipeline, models, program_cache, runtime, steps, train
 
 
 def affine(x, w):
@@ -84,9 +84,9 @@ def test_a_warm_start_equals_a_traced_one_without_tracing_the_model(tmp_path, si
     def start_and_run(model):
         state, train_chunk, _ = train.start_training(
             config, model, 10, len(indices), mesh, program_cache.for_config(config, tmp_path))
-        fresh = jax.device_get(train.split_state(state))  # the chunk donates the state's buffers
+        fresh = jax.device_get(checkpoints.split_state(state))  # the chunk donates the state's buffers
         after, sums = train_chunk(state, batches, runtime.replicated_scalar(np.int32(len(indices)), mesh))
-        return fresh, (jax.device_get(train.split_state(after)), sums)
+        return fresh, (jax.device_get(checkpoints.split_state(after)), sums)
 
     model = models.model_from_config(config)
     cold_state, (cold_after, cold_sums) = start_and_run(model)
@@ -94,7 +94,7 @@ def test_a_warm_start_equals_a_traced_one_without_tracing_the_model(tmp_path, si
         "init_variables", "train_chunk"}
 
     monkeypatch.setattr(models.ResNet, "init", untraceable)
-    monkeypatch.setattr(train, "train_step", untraceable)
+    monkeypatch.setattr(steps, "train_step", untraceable)
     warm_state, (warm_after, warm_sums) = start_and_run(models.model_from_config(config))
     assert_trees_equal(cold_state, warm_state)
     assert_trees_equal(cold_after, warm_after)

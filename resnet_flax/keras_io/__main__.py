@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 from absl import app, flags, logging
 
-from resnet_flax import checkpoints, models, pretrained, train
+from resnet_flax import checkpoints, models, pretrained, steps
 from resnet_flax.config import default_config
 from resnet_flax.errors import UserError
 from resnet_flax.keras_io.weights import load_keras_weights, save_keras_weights
@@ -37,10 +37,10 @@ def import_weights(keras_file: str | Path, workdir: str | Path) -> int:
     config = default_config()
     config.num_classes = num_classes
     model = models.model_from_config(config)
-    state = train.create_train_state(config, model, steps_per_epoch=1)
+    state = steps.create_train_state(config, model, steps_per_epoch=1)
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
     checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
-    train.save_checkpoint(checkpointer, 0, state, config)
+    checkpoints.save_state(checkpointer, 0, state, config)
     checkpointer.close()
     return num_classes
 

@@ -8,7 +8,7 @@ Keras weights work with any of them:
   the N*H*W pixels, a kxk one a matmul over the k*k shifted (strided) slices side by side
   (im2col). XLA's CPU backend runs large matmuls far faster than convolutions.
 * ``'winograd'`` -- 'gemm', except for 3x3 stride-1 'same' convolutions on maps of at least 4x4
-  pixels, which use Winograd's minimal filtering (``resnet_flax.winograd``): F(4x4, 3x3), 4x fewer
+  pixels, which use Winograd's minimal filtering (``ops.winograd``): F(4x4, 3x3), 4x fewer
   multiplications, from 8x8 pixels up; F(2x2, 3x3), 2.25x fewer, below. Its error is about ten
   times the direct sum's where F(4x4, 3x3) runs (a few 1e-6 of the output's scale).
 * ``'auto'`` -- 'winograd' on CPU, 'xla' elsewhere.
@@ -17,9 +17,9 @@ Evaluation with 'winograd' multiplies by kernels derived once per call (``infere
 Winograd's transformed kernels, and for 3x3 stride-1 'same' convolutions on maps under 4x4 pixels
 (ResNet-50's last stage, 2x2) the kernel's taps as separate arrays, one product per tap over the
 pixels it sees (``conv_taps``) instead of im2col's product, 5/9 of which multiplies padding there.
-``train.evaluate_batches`` derives them and returns them beside its sums; ``Conv2D`` uses them
-when they are in the ``INFERENCE_KERNELS`` collection. Training keeps ``conv2d`` (per-tap products
-made its step slower).
+``evaluation.evaluate_batches`` derives them and returns them beside its sums;
+``layers.Conv2D`` uses them when they are in the ``INFERENCE_KERNELS`` collection. Training keeps
+``conv2d`` (per-tap products made its step slower).
 
 Padding follows TensorFlow: 'SAME' pads ``total // 2`` before and the rest after, also for even
 windows such as 2x2.
@@ -32,12 +32,12 @@ windows such as 2x2.
 import functools
 from collections.abc import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_flax import winograd
+from resnet_flax.ops import winograd
+from resnet_flax.ops.taps import output_size, window_tap
 
 IMPLEMENTATIONS = ("auto", "xla", "gemm", "winograd")
 INFERENCE_KERNELS = "inference_kernels"  # the flax collection of ``inference_kernel``s
@@ -86,13 +86,10 @@ def conv_gemm(x: jax.Array, kernel: jax.Array, strides: Sequence[int], pads: Pad
     if any(p for pair in pads for p in pair):
         x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
     n, h, w, _ = x.shape
-    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+    ho, wo = output_size(h, kh, sh), output_size(w, kw, sw)
 
-    def shifted(i: int, j: int) -> jax.Array:
-        # The input pixels that kernel tap (i, j) sees, for every output position.
-        start = (0, i, j, 0)
-        limit = (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin)
-        return lax.slice(x, start, limit, (1, sh, sw, 1))
+    def shifted(i: int, j: int) -> jax.Array:  # the input pixels kernel tap (i, j) sees
+        return window_tap(x, (i, j), (ho, wo), (sh, sw))
 
     if kh * kw == 1:
         patches = shifted(0, 0)
@@ -202,7 +199,7 @@ def inference_kernel(kernel: jax.Array, spatial: Sequence[int], strides: Sequenc
 
     Evaluation derives these once per call and keeps them as outputs of its program: XLA would
     otherwise keep them in the one scratch buffer it maps afresh on every call, which costs a page
-    fault per 4 KiB (experiments/README.md, session 9)."""
+    fault per 4 KiB (docs/performance.md)."""
     if resolve_impl(impl) != "winograd" or not _is_3x3_same_stride_1(kernel.shape, strides, pads):
         return None
     tile_size = winograd_tile_size(kernel.shape, strides, pads, spatial)
@@ -238,44 +235,3 @@ def conv2d(
         if tile_size is not None:
             return winograd.conv3x3_same(x, kernel, tile_size, precision)
     return conv_gemm(x, kernel, strides, pads, precision)
-
-
-class Conv2D(nn.Module):
-    """Keras ``Conv2D``: bias on, Glorot-uniform kernel, zero bias, 'VALID' or TF 'SAME' padding."""
-
-    features: int
-    kernel_size: tuple[int, int]
-    strides: tuple[int, int] = (1, 1)
-    padding: str = "VALID"
-    impl: str = "auto"
-    precision: str | None = "highest"
-    kernel_init: nn.initializers.Initializer = nn.initializers.glorot_uniform()
-    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, defer_bias: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
-        """The convolution plus bias; with ``defer_bias``, the pair (convolution, bias) instead, for
-        a following ``batchnorm.BatchNorm`` to take the bias in (``input_bias``) without a pass of
-        its own."""
-        kernel_shape = (*self.kernel_size, x.shape[-1], self.features)
-        kernel = self.param("kernel", self.kernel_init, kernel_shape, jnp.float32)
-        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-        derived = self._inference_kernel(kernel, x)
-        if derived is None:
-            y = conv2d(x, kernel, self.strides, self.padding, self.impl, self.precision)
-        else:
-            y = conv2d_inference(x, derived, self.precision)
-        return (y, bias) if defer_bias else y + bias
-
-    def _inference_kernel(self, kernel: jax.Array, x: jax.Array):
-        """The ``inference_kernel`` where evaluation supplies ``INFERENCE_KERNELS`` (or derives them:
-        the collection mutable outside ``init``), else None."""
-        if self.has_variable(INFERENCE_KERNELS, "kernel"):
-            return self.get_variable(INFERENCE_KERNELS, "kernel")
-        if self.is_initializing() or not self.is_mutable_collection(INFERENCE_KERNELS):
-            return None
-        pads = explicit_padding(x.shape[1:3], self.kernel_size, self.strides, self.padding)
-        derived = inference_kernel(kernel, x.shape[1:3], self.strides, pads, self.impl)
-        if derived is not None:
-            self.put_variable(INFERENCE_KERNELS, "kernel", derived)
-        return derived

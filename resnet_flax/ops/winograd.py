@@ -11,14 +11,14 @@ products, (tiles, C_in) @ (C_in, C_out), which XLA runs as one batched product.
 
 Each transform on both axes of every tile, ``M @ tile @ M^T``, is one product with the Kronecker
 matrix ``M (x) M`` ((m+2)^2 x (m+2)^2 at most) over the tiles' pixels, gathered first. Written-out
-sums of slices instead (the first version) ran within 1-2% of it either way but made about 20
+sums of slices instead ran within 1-2% of it either way but made about 20
 more fusions per layer, and XLA took ~4.5 s longer to compile the training step
-(experiments/ab_chunk.md, ``tile-transform-sums``).
+(experiments/README.md).
 
 Accuracy (float32): F(2x2, 3x3)'s transforms are 0 / +-1 / +-1/2, and its results are as close to
 the exact convolution as the direct sum's; F(4x4, 3x3)'s larger coefficients (up to 8 and 5) make
 its error about ten times the direct sum's, a few 1e-6 of the output's scale
-(experiments/winograd_accuracy.md; tests/test_conv.py bounds both).
+(experiments/winograd_accuracy.md; tests/test_winograd.py bounds both).
 
 The gradient is written out rather than left to autodiff, whose transposes of the overlapping tile
 slices were slow on XLA:CPU in a prototype:
@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from resnet_flax.ops.taps import output_size, window_tap
 
 
 class Transforms(NamedTuple):
@@ -62,13 +64,6 @@ TRANSFORMS = {
 }
 
 
-def _strided(x: jax.Array, axis: int, start: int, count: int, step: int) -> jax.Array:
-    """``count`` slices of ``x`` along ``axis``, ``step`` apart, from ``start``."""
-    starts, limits, strides = [0] * x.ndim, list(x.shape), [1] * x.ndim
-    starts[axis], limits[axis], strides[axis] = start, start + step * (count - 1) + 1, step
-    return lax.slice(x, starts, limits, strides)
-
-
 def _transform_tiles(x: jax.Array, matrix: np.ndarray, step: int) -> jax.Array:
     """Every tile of the NHWC ``x`` (``matrix.shape[1]`` pixels a side, ``step`` apart) transformed
     on both axes, ``matrix @ tile @ matrix^T``: (t, t, N, tiles_h, tiles_w, C).
@@ -77,10 +72,10 @@ def _transform_tiles(x: jax.Array, matrix: np.ndarray, step: int) -> jax.Array:
     (XLA:CPU fuses a stack with the slices that feed it only up to 8), and transformed by one
     product with ``matrix (x) matrix``."""
     rows, window = matrix.shape
-    tiles_h, tiles_w = (x.shape[1] - window) // step + 1, (x.shape[2] - window) // step + 1
+    tiles = (output_size(x.shape[1], window, step), output_size(x.shape[2], window, step))
 
     def pixel(i: int, j: int) -> jax.Array:  # pixel (i, j) of every tile
-        return _strided(_strided(x, 1, i, tiles_h, step), 2, j, tiles_w, step)
+        return window_tap(x, (i, j), tiles, (step, step))
 
     pixels = jnp.stack([jnp.stack([pixel(i, j) for j in range(window)]) for i in range(window)])
     tiles = _times_kron(matrix, pixels.reshape(window * window, -1))

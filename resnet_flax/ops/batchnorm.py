@@ -1,11 +1,11 @@
-"""Keras ``BatchNormalization`` for NHWC activations, with a hand-written gradient, the preceding
-conv's bias taken in, and an optional ReLU folded in.
+"""Batch normalisation of NHWC activations in training mode (``normalize_batch``), with a
+hand-written gradient, the preceding conv's bias taken in, and an optional ReLU folded in; the
+flax layer around it is ``layers.BatchNorm``.
 
-The layer computes what ``flax.linen.BatchNorm`` computes on ``x + input_bias``, up to float
-rounding (statistics over batch, height and width, variance as E[x^2] - E[x]^2 clipped at 0, the
-same parameter and ``batch_stats`` names), so checkpoints and Keras weights load into either. In
-training mode it differs in how the work is laid out, because on a CPU these layers are bound by
-memory traffic, not arithmetic:
+It computes what ``flax.linen.BatchNorm`` computes on ``x + input_bias``, up to float rounding
+(statistics over batch, height and width, variance as E[x^2] - E[x]^2 clipped at 0). It differs
+in how the work is laid out, because on a CPU these layers are bound by memory traffic, not
+arithmetic:
 
 * Forward: two reductions over the input and one pass that writes the normalised (and, with
   ``relu=True``, rectified) output. The padding mask weights per-example sums, so no masked copy
@@ -22,7 +22,6 @@ memory traffic, not arithmetic:
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -93,40 +92,3 @@ def _backward(epsilon, relu, residuals, cotangents):
 
 
 normalize_batch.defvjp(_forward, _backward)
-
-
-class BatchNorm(nn.Module):
-    """Keras ``BatchNormalization`` over the last axis of ``x + input_bias``.
-
-    ``mask`` (one bool per example, any shape that reshapes to (N,)) keeps padding examples out
-    of the batch statistics; ``relu=True`` rectifies the output in the same pass.
-    """
-
-    use_running_average: bool
-    momentum: float = 0.99
-    epsilon: float = 1e-3
-
-    @nn.compact
-    def __call__(self, x: jax.Array, input_bias: jax.Array | None = None, *, mask: jax.Array | None = None,
-                 relu: bool = False) -> jax.Array:
-        features = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
-        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
-        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
-        if input_bias is None:
-            input_bias = jnp.zeros((features,), jnp.float32)
-
-        if self.use_running_average:
-            multiplier = lax.rsqrt(running_var.value + self.epsilon) * scale
-            out = (x - (running_mean.value - input_bias)) * multiplier + bias
-            return jnp.maximum(out, 0.0) if relu else out
-
-        weight = jnp.ones((x.shape[0],), jnp.float32) if mask is None else (
-            jnp.reshape(mask, (x.shape[0],)).astype(jnp.float32))
-        out, mean, var = normalize_batch(x, input_bias, scale, bias, weight, self.epsilon, relu)
-        if not self.is_initializing():
-            running_mean.value = self.momentum * running_mean.value + (1.0 - self.momentum) * mean
-            running_var.value = self.momentum * running_var.value + (1.0 - self.momentum) * var
-        return out
-

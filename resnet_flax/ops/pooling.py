@@ -19,21 +19,21 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from resnet_flax.ops.taps import output_size, window_tap
 
-def _taps(x: jax.Array, window: Sequence[int], strides: Sequence[int]):
+
+def window_taps(x: jax.Array, window: Sequence[int], strides: Sequence[int]):
     """The strided slice of ``x`` that each window tap (row-major) sees, one per output pixel."""
-    n, h, w, c = x.shape
     (kh, kw), (sh, sw) = window, strides
-    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+    count = (output_size(x.shape[1], kh, sh), output_size(x.shape[2], kw, sw))
     for i in range(kh):
         for j in range(kw):
-            limit = (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c)
-            yield lax.slice(x, (0, i, j, 0), limit, (1, sh, sw, 1))
+            yield window_tap(x, (i, j), count, (sh, sw))
 
 
 def _max_and_tap(x, window, strides):
     best, chosen = None, None
-    for tap, values in enumerate(_taps(x, window, strides)):
+    for tap, values in enumerate(window_taps(x, window, strides)):
         if best is None:
             best, chosen = values, jnp.zeros(values.shape, jnp.int8)
             continue

@@ -1,0 +1,97 @@
+"""Evaluation: inference-mode loss and accuracy over padded, masked batches, each example counted
+once, as one compiled program. ``Evaluator`` is the entry point that training and the
+``evaluate`` command share.
+
+The program derives the kernels its layers multiply by once per call, before its loop over
+batches (``inference_kernels``), and returns them beside its sums: as outputs they get buffers of
+their own, where XLA would otherwise keep them in its per-call scratch buffer, which it maps afresh
+each call (one page fault per 4 KiB, ~18 ms a call for ResNet-50 on 2 cores; docs/performance.md).
+On CPU it is compiled with XLA options of its own (``runtime.evaluation_compiler_options``).
+"""
+
+import functools
+import time
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+from resnet_flax import input_pipeline, program_cache, runtime, steps
+from resnet_flax.ops import conv
+
+
+def inference_kernels(apply_fn, variables: Mapping, images: jax.Array) -> dict:
+    """``{conv.INFERENCE_KERNELS: ...}``: every kernel in the form evaluation multiplies by, where
+    that differs from the kernel (``conv.inference_kernel``), derived by applying the model to the
+    first of ``images`` (the rest of that forward pass is dead code, which XLA drops); ``{}`` where
+    no layer has one."""
+    _, derived = apply_fn(variables, input_pipeline.normalize(images[:1]), train=False,
+                          mutable=[conv.INFERENCE_KERNELS])
+    return dict(derived)
+
+
+def evaluate_batches(apply_fn, num_classes: int):
+    """``(variables, batches) -> (sums, kernels)``: the sums over all of ``batches`` (arrays of
+    shape (steps, batch, ...)), to be compiled as one program, and the ``inference_kernels`` it
+    derived first."""
+    step = functools.partial(steps.eval_step, apply_fn, num_classes=num_classes)
+
+    def evaluate(variables, batches):
+        kernels = inference_kernels(apply_fn, variables, batches["image"][0])
+        sums = steps.scan_batches(lambda v, b: (v, step(v, b)), {**variables, **kernels}, batches)[1]
+        return sums, kernels
+
+    return evaluate
+
+
+def evaluation_program(apply_fn, num_classes: int):
+    """``evaluate_batches`` jitted with ``runtime.evaluation_compiler_options()`` (so it must not be
+    called inside another jit)."""
+    return jax.jit(evaluate_batches(apply_fn, num_classes), compiler_options=runtime.evaluation_compiler_options())
+
+
+def split_batches(split: input_pipeline.Split, batch_size: int, mesh, examples: np.ndarray | None = None,
+                  num_batches: int | None = None) -> dict[str, jax.Array]:
+    """The examples of ``split`` (all, or the indices ``examples``) in batches of ``batch_size``,
+    the last padded and masked, as global arrays split along the batch axis; ``num_batches`` pads
+    with fully masked batches up to that many (to reuse a compiled shape)."""
+    order = np.arange(len(split)) if examples is None else examples
+    indices, mask = input_pipeline.batch_indices(order, batch_size, num_batches)
+    return runtime.gather_batches(split.images, split.labels, indices, mask, mesh)
+
+
+class Evaluator:
+    """``evaluator(variables, batches)``: mean loss, accuracy and example count of a model's
+    ``variables`` on ``batches`` (``split_batches``).
+
+    The program is compiled once per shape of its arguments, when first needed, through
+    ``programs`` (a run's ``program_cache.ProgramCache``) when given; ``compile_seconds`` adds up
+    the time that took.
+    """
+
+    def __init__(self, apply_fn, num_classes: int, programs: program_cache.ProgramCache | None = None):
+        self._evaluate = evaluate_batches(apply_fn, num_classes)
+        self._programs = programs
+        self._compiled: dict[str, jax.stages.Compiled] = {}
+        self.compile_seconds = 0.0
+
+    def sums(self, variables: Mapping, batches: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """The summed loss, hits and count (add up exactly across calls)."""
+        return self._program(variables, batches)(variables, batches)[0]
+
+    def __call__(self, variables: Mapping, batches: Mapping[str, jax.Array]) -> dict[str, float]:
+        return steps.summarize(self.sums(variables, batches))
+
+    def _program(self, variables, batches) -> jax.stages.Compiled:
+        key = program_cache.describe_args((variables, batches))
+        if key not in self._compiled:
+            start = time.perf_counter()
+            args = runtime.abstract(dict(variables)), runtime.abstract(dict(batches))
+            options = runtime.evaluation_compiler_options()
+            if self._programs is None:
+                program = jax.jit(self._evaluate, compiler_options=options).lower(*args).compile()
+            else:
+                program = self._programs.compile("evaluate", self._evaluate, *args, compiler_options=options)
+            self._compiled[key] = program
+            self.compile_seconds += time.perf_counter() - start
+        return self._compiled[key]

@@ -1,0 +1,209 @@
+"""The train state, the optimizer and the compiled steps: what one step (or one chunk of steps)
+of training and of evaluation computes.
+
+A training chunk runs up to ``config.steps_per_chunk`` steps in one compiled call, a loop on
+donated buffers over batches the host gathered (``train.py`` drives it). The last, partial batch
+of an epoch is padded and masked: BatchNorm statistics and the loss ignore the padding, so every
+training example is used each epoch, and evaluation counts each test example exactly once.
+"""
+
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+from jax import lax
+
+from resnet_flax import input_pipeline, program_cache, runtime
+
+
+class TrainState(train_state.TrainState):
+    """Step, params, optimizer state, and BatchNorm's running statistics."""
+
+    batch_stats: Any
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Adam with Keras's defaults (lr 1e-3, b1 0.9, b2 0.999, eps 1e-7) unless the config says otherwise."""
+    learning_rate = config.learning_rate
+    if config.lr_schedule == "cosine":
+        total = max(config.num_epochs * steps_per_epoch, 1)
+        warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
+        learning_rate = optax.warmup_cosine_decay_schedule(
+            0.0, config.learning_rate, max(warmup, 1), total, end_value=0.0)
+    adam = dict(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
+    if config.weight_decay:
+        return optax.adamw(learning_rate, weight_decay=config.weight_decay, **adam)
+    return optax.adam(learning_rate, **adam)
+
+
+def _initializer(config, model, steps_per_epoch: int, mesh, programs):
+    """The exported ``model.init`` (variables, replicated) and ``variables -> TrainState``."""
+    tx = make_optimizer(config, steps_per_epoch)
+
+    def init_variables():
+        dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+        return model.init(jax.random.key(config.seed), dummy, train=False)
+
+    def create(variables) -> TrainState:
+        return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                 batch_stats=variables["batch_stats"], tx=tx)
+
+    return programs.exported("init_variables", init_variables, out_shardings=runtime.replicated(mesh)), create
+
+
+def create_train_state(config, model, steps_per_epoch: int, mesh=None,
+                       programs: program_cache.ProgramCache | None = None) -> TrainState:
+    """Fresh parameters from ``config.seed``, replicated over ``mesh`` (default: all devices).
+
+    Built inside ``jit`` with replicated outputs, so every process of a multi-host run holds the
+    same global arrays without copying them around. ``model.init`` goes through ``programs``
+    (which must belong to this config and model; default: no cache), so a warm start does not
+    trace it again.
+    """
+    mesh = runtime.make_mesh() if mesh is None else mesh
+    programs = programs or program_cache.for_config(config, None)
+    init, create = _initializer(config, model, steps_per_epoch, mesh, programs)
+    replicated = runtime.replicated(mesh)
+    variables = jax.jit(init.call, out_shardings=replicated)()
+    return jax.jit(create, out_shardings=replicated)(variables)
+
+
+def abstract_train_state(config, model, steps_per_epoch: int, mesh, programs) -> TrainState:
+    """What ``create_train_state`` returns, as shapes: without running ``model.init``."""
+    init, create = _initializer(config, model, steps_per_epoch, mesh, programs)
+    replicated = runtime.replicated(mesh)
+    variables = runtime.abstract(jax.tree.unflatten(init.out_tree, list(init.out_avals)), replicated)
+    return runtime.abstract(jax.eval_shape(create, variables), replicated)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+    """Per-example softmax cross-entropy (the assignment's categorical_crossentropy)."""
+    targets = jax.nn.one_hot(labels, num_classes)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def example_sums(per_example_loss, logits, labels, mask) -> dict[str, jax.Array]:
+    """Loss and hit sums over the real (unmasked) examples: they add up exactly across batches."""
+    weight = mask.astype(jnp.float32)
+    return {
+        "loss_sum": jnp.sum(per_example_loss * weight),
+        "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * weight),
+        "count": jnp.sum(weight),
+    }
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
+               num_classes: int, label_smoothing: float = 0.0, augment: bool = False):
+    """One Adam step on a batch of uint8 images; returns the new state and the batch's sums."""
+    images = input_pipeline.normalize(batch["image"])
+    if augment:
+        images = input_pipeline.augment(images, jax.random.fold_in(rng, state.step))
+    labels, mask = batch["label"], batch["mask"]
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            images, train=True, mask=mask, mutable=["batch_stats"])
+        per_example = cross_entropy(logits, labels, num_classes, label_smoothing)
+        loss = jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1)
+        return loss, (per_example, logits, updates["batch_stats"])
+
+    grads, (per_example, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    return state, example_sums(per_example, logits, labels, mask)
+
+
+def eval_step(apply_fn, variables: Mapping, batch: Mapping[str, jax.Array], *, num_classes: int):
+    """Inference-mode sums on a batch (running BatchNorm statistics, nothing updated)."""
+    logits = apply_fn(variables, input_pipeline.normalize(batch["image"]), train=False)
+    per_example = cross_entropy(logits, batch["label"], num_classes)
+    return example_sums(per_example, logits, batch["label"], batch["mask"])
+
+
+def scan_batches(step_fn, carry, batches):
+    """Runs ``step_fn(carry, batch)`` over the leading (step) axis of ``batches`` and adds up the
+    per-step sums."""
+    carry, sums = lax.scan(step_fn, carry, batches)
+    return carry, jax.tree.map(jnp.sum, sums)
+
+
+def make_train_chunk(config):
+    """``(state, batches, num_steps) -> (state, sums)``: the first ``num_steps`` batches of
+    ``batches`` (arrays of shape (chunk, batch, ...)), all steps in one compiled call, the state's
+    buffers donated; ``num_steps`` defaults to all of them. It is a traced value: one program runs
+    chunks of any length up to the arrays' (an epoch's short first or last chunk included).
+    Augmentation draws from ``config.seed`` folded with the step, so a resumed run repeats it
+    exactly."""
+    step = functools.partial(train_step, num_classes=config.num_classes,
+                             label_smoothing=config.label_smoothing, augment=config.augment)
+
+    def train_chunk(state, batches, num_steps):
+        rng = jax.random.key(config.seed)
+
+        def one_step(i, carry):
+            state, totals = carry
+            batch = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), batches)
+            state, sums = step(state, batch, rng)
+            return state, jax.tree.map(jnp.add, totals, sums)
+
+        zeros = dict.fromkeys(("loss_sum", "correct", "count"), jnp.zeros((), jnp.float32))
+        return lax.fori_loop(0, num_steps, one_step, (state, zeros))
+
+    compiled = jax.jit(train_chunk, donate_argnums=0)
+
+    def run(state, batches, num_steps=None):
+        if num_steps is None:
+            num_steps = np.int32(len(batches["mask"]))
+        return compiled(state, batches, num_steps)
+
+    return run
+
+
+def compile_train_chunk(config, state: TrainState, batches, steps_per_epoch: int,
+                        programs: program_cache.ProgramCache | None = None):
+    """``make_train_chunk(config)`` compiled for ``state`` and ``batches`` (arrays or
+    ``ShapeDtypeStruct``s) through ``programs``: the same ``(state, batches, num_steps) -> (state,
+    sums)``, ``num_steps`` a replicated int32 scalar (``runtime.replicated_scalar``)."""
+    programs = programs or program_cache.for_config(config, None)
+    treedef = jax.tree.structure(state)
+    chunk = make_train_chunk(config)
+
+    def flat_chunk(leaves, batches, num_steps):  # exported programs take plain lists, not a TrainState
+        new_state, sums = chunk(jax.tree.unflatten(treedef, leaves), batches, num_steps)
+        return jax.tree.leaves(new_state), sums
+
+    sharding = batches["mask"].sharding
+    num_steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=runtime.replicated(sharding.mesh))
+    compiled = programs.compile("train_chunk", flat_chunk, runtime.abstract(jax.tree.leaves(state)), batches,
+                                num_steps, extra={"steps_per_epoch": steps_per_epoch}, donate_argnums=(0,))
+
+    def train_chunk(state, batches, num_steps):
+        leaves, sums = compiled(jax.tree.leaves(state), batches, num_steps)
+        return jax.tree.unflatten(treedef, leaves), sums
+
+    return train_chunk
+
+
+def summarize(sums: Mapping[str, Any]) -> dict[str, float]:
+    """Mean loss and accuracy from summed ones (NaN when no example was counted)."""
+    sums = jax.device_get(sums)
+    count = float(sums["count"])
+    mean = (lambda total: float(total) / count) if count else (lambda total: math.nan)
+    return {"loss": mean(sums["loss_sum"]), "accuracy": mean(sums["correct"]), "count": int(count)}
