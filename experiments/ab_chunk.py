@@ -1,31 +1,34 @@
-"""In-process A/B of the CPU default ResNet-50 training chunk and evaluation against a variant (issue 5).
+"""In-process A/B of the CPU default ResNet-50 training chunk and evaluation against a variant.
 
 This machine's speed drifts by several percent from minute to minute, more than most of the
-changes tried in issue 5 are worth, so comparing separate processes says little. This script builds
+changes tried here are worth, so comparing separate processes says little. This script builds
 the current code and one variant in the same process (each compiled once, for 4-step chunks of
 batch 32, from its own train state), then alternates their calls round by round (the order flips
 each round) and reports best and median seconds per training step and per evaluation batch.
 
-The current code is the default configuration ('auto' conv: 'winograd' on CPU since session 7;
-the variants before ``im2col-3x3`` were measured against 'gemm', the default then). Variants (each
-names what it changes against the current code):
+Each variant is built through the package's seams, never by replacing its functions: the model's
+layer factories (``models.layer_factories``'s, with ``layers.Conv2D``'s ``convolve`` or
+``layers.BatchNorm``'s ``normalize`` replaced by a function written here, or another layer), the
+optimizer, the compiler options, or the kernels the evaluation derives up front.
 
-* ``im2col-3x3``: every 3x3 convolution by im2col + product ('gemm', the default before session 7)
-  instead of Winograd.
-* ``kernel-transform-sums``: Winograd's kernel transforms ``G g G^T`` written out as sums of
-  taps (fused elementwise loops) instead of one product with ``kron(G, G)``.
-* ``tile-transform-sums``: Winograd's input and output tile transforms as sums of strided slices
-  (rows first, then columns; the code before session 8) instead of one product with the
-  Kronecker matrix over the gathered tile pixels.
+The current code is the default configuration ('auto' conv: 'winograd' on CPU; the variants from
+``copied-kernels`` to ``xla-conv-stages-3-4`` were measured against 'gemm', the default when they
+ran). Variants (each names what it changes against the current code):
+
+* ``im2col-3x3``: every 3x3 convolution by im2col + product (``impl='gemm'``) instead of Winograd,
+  in evaluation too.
 * ``winograd-f2-only``: F(2x2, 3x3) on every map of at least 4x4 pixels (no F(4x4, 3x3)).
 * ``winograd-f4-at-4x4``: F(4x4, 3x3) at 4x4 pixels too (one 6x6 tile per image).
 * ``winograd-f2-at-2x2``: F(2x2, 3x3) at 2x2 pixels too (ResNet-50's last stage).
 
-* ``copied-kernels``: the conv product as a plain ``jnp.matmul``, as before session 6: XLA then
+  The tile variants change the tile of each 3x3 layer in training (a ``convolve`` written here)
+  and in evaluation (its kernels, still derived up front, transformed for the variant's tile).
+
+* ``copied-kernels``: the conv product as a plain ``jnp.matmul`` (the earlier version): XLA then
   copies every kernel at the start of each step (see ``conv.patches_times_kernel``).
-* ``no-mask``: BatchNorm without the padding mask.
-* ``minimal-update``: Adam replaced by ``p + 0 * g[0]``, an in-place pass over each parameter that
-  still waits for every gradient: what Adam itself costs.
+* ``no-mask``: BatchNorm without the padding mask (every example weighted 1).
+* ``minimal-update``: Adam replaced by an optimizer whose step is ``p + 0 * g[0]``, an in-place
+  pass over each parameter that still waits for every gradient: what Adam itself costs.
 * ``transposed-kernel-gradients``: the kernel gradients of stages 2-3 (2048 to 8192 rows, patches
   at least twice as wide as the output) as ``(d_out^T @ patches)^T`` with ``d_out^T`` materialised,
   which XLA:CPU runs as plain YNNPACK products instead of Eigen's transposed ones.
@@ -36,9 +39,10 @@ names what it changes against the current code):
 * ``variadic-batchnorm-sums``: the same, and the backward pass's two sums as well.
 * ``no-inference-batchnorm``: in evaluation, each BatchNorm left out (the ReLU kept): what its
   affine costs there, i.e. what folding it into the kernels could at most save.
-* ``xla-conv-stages-3-4``: the 3x3 convs at 4x4 to 8x8 pixels by XLA's convolution instead of
-  im2col + product (alone about as fast at those shapes, forward only).
-* ``kernels-derived-in-loop``: evaluation without ``train.inference_kernels`` (before session 9):
+* ``xla-conv-stages-3-4``: the 3x3 convs at 4x4 to 8x8 pixels (stages 3 and 4) by XLA's
+  convolution instead of im2col + product (alone about as fast at those shapes, forward only),
+  in evaluation too.
+* ``kernels-derived-in-loop``: evaluation without the kernels derived up front (the earlier version):
   each layer derives what it multiplies by inside the program (XLA hoists the Winograd kernel
   transforms out of the loop over batches, into its scratch buffer) and the 2x2 maps' 3x3
   convolutions use im2col.
@@ -46,8 +50,12 @@ names what it changes against the current code):
   (``conv.conv_taps``) for the 3x3 convolutions on the 2x2 maps.
 * ``ynn-reduce-only``, ``no-ynn``: both programs compiled with XLA:CPU's YNNPACK fusions limited to
   reductions, or none (``xla_cpu_experimental_ynn_fusion_type``; the products then run on XLA's
-  own Eigen path). Evaluation alone has been compiled with ``no-ynn``'s setting since session 8
-  (``runtime.evaluation_compiler_options``), so its columns now compare the same programs.
+  own Eigen path). Evaluation alone is now compiled with ``no-ynn``'s setting
+  (``runtime.evaluation_compiler_options``), so its columns compare the same programs.
+
+``kernel-transform-sums`` and ``tile-transform-sums`` (Winograd's transforms as written-out sums)
+replaced private helpers of ``resnet_flax/ops/winograd.py`` and were measured with an earlier
+version of this script, kept in git history; experiments/README.md has their results.
 
     python experiments/ab_chunk.py --variant copied-kernels          # ~2 minutes
     python experiments/ab_chunk.py --variant no-mask --rounds 20 --out experiments/ab_chunk.md
@@ -56,39 +64,111 @@ With ``--out`` the result is appended to that Markdown file (date, machine, comm
 """
 
 import argparse
-import contextlib
+import dataclasses
 import datetime
 import functools
 import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+import optax
+from flax import traverse_util
 from jax import lax
 
-from resnet_flax import batchnorm, conv, input_pipeline, train, winograd
+from resnet_flax import evaluation, layers, runtime, steps
+from resnet_flax.ops import batchnorm, conv, taps, winograd
 from step_inputs import resnet50_state_and_batch
 
 STEPS = 4
-VARIANTS = ("im2col-3x3", "kernel-transform-sums", "tile-transform-sums", "winograd-f2-only", "winograd-f4-at-4x4", "winograd-f2-at-2x2",
-            "copied-kernels", "no-mask", "minimal-update", "transposed-kernel-gradients",
-            "space-to-depth-stem", "variadic-batchnorm-forward-sums", "variadic-batchnorm-sums",
-            "no-inference-batchnorm", "xla-conv-stages-3-4", "kernels-derived-in-loop",
-            "im2col-at-2x2-in-evaluation", "ynn-reduce-only", "no-ynn")
+NUM_CLASSES = 6
+IMPL, PRECISION = "winograd", "highest"  # the current code's convolutions on CPU ('auto')
 
-# Variants that change how XLA compiles the same programs (per-program compiler options).
-COMPILER_OPTIONS = {
-    "ynn-reduce-only": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"},
-    "no-ynn": {"xla_cpu_experimental_ynn_fusion_type": ""},
-}
+
+# ---------------------------------------------------------------------------------------------
+# Convolutions: ``layers.Conv2D``'s ``convolve`` (``conv.conv2d``'s signature) or the ``conv`` factory
+
+
+def conv2d_with(gemm=conv.conv_gemm, tile_size=conv.winograd_tile_size):
+    """``conv.conv2d`` written out here, with its im2col convolution ``gemm`` (``conv.conv_gemm``'s
+    signature) and its Winograd tile rule ``tile_size`` (``conv.winograd_tile_size``'s) replaceable."""
+
+    def conv2d(x, kernel, strides=(1, 1), padding="VALID", impl="auto", precision="highest"):
+        pads = conv.explicit_padding(x.shape[1:3], kernel.shape[:2], strides, padding)
+        impl = conv.resolve_impl(impl)
+        if impl == "xla":
+            return conv.conv_xla(x, kernel, strides, pads, precision)
+        if impl == "winograd":
+            tile = tile_size(kernel.shape, strides, pads, x.shape[1:3])
+            if tile is not None:
+                return winograd.conv3x3_same(x, kernel, tile, precision)
+        return gemm(x, kernel, strides, pads, precision)
+
+    return conv2d
+
+
+def conv_layers(convolve) -> dict:
+    """The model's ``conv`` factory with ``convolve`` in place of ``conv.conv2d``."""
+    return {"conv": functools.partial(layers.Conv2D, impl=IMPL, precision=PRECISION, convolve=convolve)}
+
+
+def im2col_with(product):
+    """``conv.conv_gemm`` written out here, with ``product(patches, kernel, precision)`` in place of
+    ``conv.patches_times_kernel``."""
+
+    def conv_gemm(x, kernel, strides, pads, precision=None):
+        kh, kw, cin, cout = kernel.shape
+        sh, sw = strides
+        if any(p for pair in pads for p in pair):
+            x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+        n, h, w, _ = x.shape
+        ho, wo = taps.output_size(h, kh, sh), taps.output_size(w, kw, sw)
+
+        def shifted(i, j):
+            return taps.window_tap(x, (i, j), (ho, wo), (sh, sw))
+
+        if kh * kw == 1:
+            patches = shifted(0, 0)
+        else:
+            rows = [jnp.stack([shifted(i, j) for j in range(kw)], axis=3) for i in range(kh)]
+            patches = jnp.stack(rows, axis=3)  # (n, ho, wo, kh, kw, cin)
+        y = product(patches.reshape(n * ho * wo, kh * kw * cin), kernel.reshape(kh * kw * cin, cout), precision)
+        return y.reshape(n, ho, wo, cout)
+
+    return conv_gemm
 
 
 def plain_product(patches, kernel, precision):
     return jnp.matmul(patches, kernel, precision=precision)
+
+
+def product_with_kernel_gradient(kernel_gradient):
+    """``conv.patches_times_kernel`` written out here, with ``kernel_gradient(patches, d_out,
+    precision)`` in place of ``conv.kernel_gradient``."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+    def product(patches, kernel, precision):
+        return jnp.matmul(patches, kernel, precision=precision)
+
+    def forward(patches, kernel, precision):
+        kept_kernel = kernel.value if patches.perturbed else None
+        return product(patches.value, kernel.value, precision), (patches.value, kept_kernel)
+
+    def backward(precision, residuals, d_out):
+        patches, kernel = residuals
+        d_kernel = kernel_gradient(patches, d_out, precision)
+        if kernel is None:
+            return None, d_kernel
+        d_patches = jnp.matmul(d_out, kernel.T, precision=precision)
+        return d_patches, d_kernel + 0.0 * d_patches[0, 0]
+
+    product.defvjp(forward, backward, symbolic_zeros=True)
+    return product
 
 
 def transposed_kernel_gradient(original):
@@ -130,162 +210,224 @@ def space_to_depth_gemm(original):
     return conv_gemm
 
 
-def variadic_two_sums(original, axes_to_change=None):
-    """``batchnorm._two_sums`` as one variadic reduction (for every call, or only for the reduction
-    over ``axes_to_change``)."""
+def retiled_tile_size(changes: dict):
+    """``conv.winograd_tile_size`` with the tiles in ``changes`` replaced: ``{current: variant}``,
+    where current is the tile the current code picks (4, 2, or None for a 3x3 stride-1 'same'
+    convolution on a map under 4x4 pixels, which keeps im2col in training)."""
 
-    def two_sums(a, b, axes):
-        if axes_to_change is not None and tuple(axes) != axes_to_change:
-            return original(a, b, axes)
-        zero = jnp.zeros((), a.dtype)
-        return lax.reduce((a, b), (zero, zero), lambda s, t: (s[0] + t[0], s[1] + t[1]), axes)
+    def tile_size(kernel_shape, strides, pads, spatial):
+        if conv.winograd_tile_size(kernel_shape, strides, pads, (8, 8)) is None:  # not a 3x3 'same' stride 1
+            return None
+        tile = conv.winograd_tile_size(kernel_shape, strides, pads, spatial)
+        return changes.get(tile, tile)
 
-    return two_sums
+    return tile_size
 
 
-class NoInferenceBatchNorm(batchnorm.BatchNorm):
+def xla_conv_at_stages_3_4(features, kernel_size, **kwargs):
+    """The model's ``conv`` factory, with XLA's convolution (``impl='xla'``, so in evaluation too)
+    for the 3x3 layers of stages 3 and 4 (``res3*``, ``res4*``: the 8x8 and 4x4 maps of a 64x64
+    image); the current code's elsewhere."""
+    stages_3_4 = tuple(kernel_size) == (3, 3) and kwargs.get("name", "").startswith(("res3", "res4"))
+    return layers.Conv2D(features, kernel_size, impl="xla" if stages_3_4 else IMPL, precision=PRECISION,
+                         **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm: ``layers.BatchNorm``'s ``normalize`` (``batchnorm.normalize_batch``'s signature) or the
+# ``norm`` factory
+
+
+def without_mask(x, input_bias, scale, bias, weight, epsilon, relu):
+    """``batchnorm.normalize_batch`` with every example weighted 1 (the padding counted in)."""
+    return batchnorm.normalize_batch(x, input_bias, scale, bias, jnp.ones_like(weight), epsilon, relu)
+
+
+def plain_sums(a, b, axes):
+    return jnp.sum(a, axis=axes), jnp.sum(b, axis=axes)
+
+
+def variadic_sums(a, b, axes):
+    """``(sum a, sum b)`` over ``axes`` as one variadic reduction (one read of both)."""
+    zero = jnp.zeros((), a.dtype)
+    return lax.reduce((a, b), (zero, zero), lambda s, t: (s[0] + t[0], s[1] + t[1]), axes)
+
+
+def normalize_batch_with(forward_sums=plain_sums, backward_sums=plain_sums):
+    """``batchnorm.normalize_batch`` written out here (as ``resnet_flax/ops/batchnorm.py`` computes
+    it), with its two sums per pass replaceable: ``forward_sums(x, x * x, (1, 2))`` for the
+    statistics, ``backward_sums(d_out, d_out * x_hat, (0, 1, 2))`` for the gradient."""
+
+    def statistics(x, weight):
+        height, width = x.shape[1:3]
+        count = jnp.maximum(jnp.sum(weight) * (height * width), 1.0)
+        sums, sums_of_squares = forward_sums(x, x * x, (1, 2))
+        mean = jnp.sum(sums * weight[:, None], axis=0) / count
+        mean_of_squares = jnp.sum(sums_of_squares * weight[:, None], axis=0) / count
+        raw_var = mean_of_squares - mean * mean
+        return mean, jnp.maximum(0.0, raw_var), raw_var, count
+
+    def forward(x, input_bias, scale, bias, weight, epsilon, relu):
+        mean, var, raw_var, count = statistics(x, weight)
+        out = (x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias
+        if relu:
+            out = jnp.maximum(out, 0.0)
+        gate = out if relu else None
+        return (out, mean + input_bias, var), (x, gate, scale, weight, mean, var, raw_var, count)
+
+    def backward(epsilon, relu, residuals, cotangents):
+        x, gate, scale, weight, mean, var, raw_var, count = residuals
+        d_out, d_mean, d_var = cotangents
+        inv_sigma = lax.rsqrt(var + epsilon)
+        x_hat = x * inv_sigma - mean * inv_sigma
+        if relu:
+            d_out = jnp.where(gate > 0, d_out, 0.0)
+        sum_d_out, sum_d_out_x_hat = backward_sums(d_out, d_out * x_hat, (0, 1, 2))
+        var_gate = jnp.where(raw_var > 0, 1.0, jnp.where(raw_var == 0, 0.5, 0.0))
+        d_var_total = var_gate * (d_var - 0.5 * scale * inv_sigma * inv_sigma * sum_d_out_x_hat)
+        d_mean_total = d_mean - scale * inv_sigma * sum_d_out
+        counted = weight[:, None, None, None] / count
+        d_x = scale * inv_sigma * d_out + counted * (d_mean_total + 2.0 * d_var_total * (x - mean))
+        return d_x, d_mean, sum_d_out_x_hat, sum_d_out, jnp.zeros_like(weight)
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+    def normalize_batch(x, input_bias, scale, bias, weight, epsilon, relu):
+        return forward(x, input_bias, scale, bias, weight, epsilon, relu)[0]
+
+    normalize_batch.defvjp(forward, backward)
+    return normalize_batch
+
+
+def norm_layers(normalize) -> dict:
+    """The model's ``norm`` factory with ``normalize`` in place of ``batchnorm.normalize_batch``."""
+    return {"norm": functools.partial(layers.BatchNorm, normalize=normalize)}
+
+
+class NoInferenceBatchNorm(layers.BatchNorm):
+    """``layers.BatchNorm`` in training; in evaluation only its ReLU."""
+
     def __call__(self, x, input_bias=None, *, mask=None, relu=False):
         if not self.use_running_average or self.is_initializing():  # init creates the variables
             return super().__call__(x, input_bias, mask=mask, relu=relu)
         return jnp.maximum(x, 0.0) if relu else x
 
 
-def xla_conv_at_stages_3_4(original):
-    def conv2d(x, kernel, strides=(1, 1), padding="VALID", impl="auto", precision="highest"):
-        if kernel.shape[:2] == (3, 3) and 4 <= x.shape[1] <= 8:
-            impl = "xla"
-        return original(x, kernel, strides, padding, impl, precision)
-    return conv2d
+# ---------------------------------------------------------------------------------------------
+# The optimizer
 
 
-def combine(matrix, arrays):
-    """``matrix @ arrays`` for a small constant matrix and a list of equally shaped arrays, written
-    as sums that skip the zero coefficients (XLA fuses them with the slices that make the arrays)."""
-    rows = []
-    for coefficients in matrix:
-        terms = [a if c == 1 else -a if c == -1 else np.float32(c) * a
-                 for c, a in zip(coefficients, arrays) if c != 0]
-        rows.append(functools.reduce(jnp.add, terms))
-    return rows
+def minimal_update() -> optax.GradientTransformation:
+    """Updates of ``0 * g[0]`` (one entry of each parameter's gradient): the step ``p + 0 * g[0]``."""
+
+    def update(grads, state, params=None):
+        del params
+        return jax.tree.map(lambda g: jnp.broadcast_to(0.0 * g[(0,) * g.ndim], g.shape), grads), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def kernel_transform_as_sums(kernel, matrix):
-    """``winograd._kernel_transform`` as sums: ``matrix`` applied along one spatial axis, then the
-    other."""
-    rows = combine(matrix, list(kernel))
-    return jnp.stack([jnp.stack(combine(matrix, list(row))) for row in rows])
+# ---------------------------------------------------------------------------------------------
+# Evaluation: the kernels it derives up front (``evaluation.inference_kernels``'s signature)
 
 
-def transform_tiles_as_sums(x, matrix, step):
-    """``winograd._transform_tiles`` as sums (before session 8): along the rows on strided row
-    slices, then along the columns of each result."""
-    window = matrix.shape[1]
-    tiles_h, tiles_w = (x.shape[1] - window) // step + 1, (x.shape[2] - window) // step + 1
-    rows = combine(matrix, [winograd._strided(x, 1, i, tiles_h, step) for i in range(window)])
-    return jnp.stack([jnp.stack(combine(matrix, [winograd._strided(row, 2, j, tiles_w, step) for j in range(window)]))
-                      for row in rows])
+def no_inference_kernels(apply_fn, variables, images):
+    """None derived up front: each layer derives what it multiplies by inside the loop."""
+    return {}
 
 
-def untile_as_sums(products, output_matrix):
-    """``winograd._untile`` as sums (before session 8)."""
-    rows = combine(output_matrix, list(products))  # along the tile's rows: m of (t, N, th, tw, C)
-    pixels = [combine(output_matrix, list(row)) for row in rows]  # pixels[i][j]: (N, th, tw, C)
-    tiles = jnp.stack([jnp.stack(row, axis=3) for row in pixels], axis=2)  # (N, th, m, tw, m, C)
-    n, tiles_h, size, tiles_w, _, c = tiles.shape
-    return tiles.reshape(n, tiles_h * size, tiles_w * size, c)
+def mapped_inference_kernels(change):
+    """``evaluation.inference_kernels`` with each layer's derived kernel replaced by
+    ``change(kernel, derived)``; where that is None the layer has none (and convolves as in
+    training)."""
+
+    def inference_kernels(apply_fn, variables, images):
+        derived = evaluation.inference_kernels(apply_fn, variables, images)
+        kernels = traverse_util.flatten_dict(variables["params"])
+        changed = {}
+        for path, form in traverse_util.flatten_dict(derived.get(conv.INFERENCE_KERNELS, {})).items():
+            new = change(kernels[path], form)
+            if new is not None:
+                changed[path] = new
+        return {conv.INFERENCE_KERNELS: traverse_util.unflatten_dict(changed)} if changed else {}
+
+    return inference_kernels
 
 
-def winograd_tiles(rule):
-    """``conv.winograd_tile_size`` with the tile for a map's smaller side given by ``rule``."""
-    original = conv.winograd_tile_size
+def retiled_kernel(changes: dict):
+    """For ``mapped_inference_kernels``: the Winograd kernel for the variant's tile (``changes`` as in
+    ``retiled_tile_size``; the per-tap kernels of the maps under 4x4 count as tile None)."""
 
-    def winograd_tile_size(kernel_shape, strides, pads, spatial):
-        if original(kernel_shape, strides, pads, (15, 15)) is None:  # not a 3x3 'same' stride 1
-            return None
-        return rule(min(spatial))
-    return winograd_tile_size
+    def change(kernel, derived):
+        tile = None if isinstance(derived, tuple) else derived.shape[0] - 2
+        return winograd.kernel_tiles(kernel, changes[tile]) if tile in changes else derived
 
-
-def winograd_tiles_only(original):
-    """``conv.inference_kernel`` without the per-tap kernels (those layers keep im2col)."""
-    def inference_kernel(kernel, spatial, strides, pads, impl):
-        derived = original(kernel, spatial, strides, pads, impl)
-        return None if isinstance(derived, tuple) else derived
-    return inference_kernel
+    return change
 
 
-def replacements(variant: str | None) -> list[tuple[object, str, object]]:
-    """``(module, attribute, replacement)`` for what ``variant`` changes in the package."""
-    table = {
-        "kernel-transform-sums": [(winograd, "_kernel_transform", kernel_transform_as_sums)],
-        "tile-transform-sums": [(winograd, "_transform_tiles", transform_tiles_as_sums),
-                                (winograd, "_untile", untile_as_sums)],
-        "im2col-3x3": [(conv, "winograd_tile_size", winograd_tiles(lambda side: None))],
-        "winograd-f2-only": [(conv, "winograd_tile_size", winograd_tiles(lambda side: 2 if side >= 4 else None))],
-        "winograd-f4-at-4x4": [(conv, "winograd_tile_size", winograd_tiles(lambda side: 4 if side >= 4 else None))],
-        "winograd-f2-at-2x2": [(conv, "winograd_tile_size",
-                                winograd_tiles(lambda side: 4 if side >= 8 else 2 if side >= 2 else None))],
-        "copied-kernels": [(conv, "patches_times_kernel", plain_product)],
-        "transposed-kernel-gradients": [
-            (conv, "kernel_gradient", transposed_kernel_gradient(conv.kernel_gradient))],
-        "space-to-depth-stem": [(conv, "conv_gemm", space_to_depth_gemm(conv.conv_gemm))],
-        "xla-conv-stages-3-4": [(conv, "conv2d", xla_conv_at_stages_3_4(conv.conv2d))],
-        "variadic-batchnorm-forward-sums": [
-            (batchnorm, "_two_sums", variadic_two_sums(batchnorm._two_sums, axes_to_change=(1, 2)))],
-        "variadic-batchnorm-sums": [(batchnorm, "_two_sums", variadic_two_sums(batchnorm._two_sums))],
-        "no-inference-batchnorm": [(batchnorm, "BatchNorm", NoInferenceBatchNorm)],
-        "kernels-derived-in-loop": [(train, "inference_kernels", lambda apply_fn, variables, images: {})],
-        "im2col-at-2x2-in-evaluation": [(conv, "inference_kernel", winograd_tiles_only(conv.inference_kernel))],
-    }
-    return table.get(variant, [])
+def winograd_kernels_only(kernel, derived):
+    """For ``mapped_inference_kernels``: no per-tap kernels (those layers keep im2col)."""
+    return None if isinstance(derived, tuple) else derived
 
 
-@contextlib.contextmanager
-def patched(variant: str | None):
-    """The package as ``variant`` has it, while the variant is traced and compiled (the functions
-    replaced are looked up when the model is traced)."""
-    changes = replacements(variant)
-    saved = [(module, name, getattr(module, name)) for module, name, _ in changes]
-    for module, name, replacement in changes:
-        setattr(module, name, replacement)
-    try:
-        yield
-    finally:
-        for module, name, original in saved:
-            setattr(module, name, original)
+def evaluation_program(apply_fn, inference_kernels=None):
+    """``evaluation.evaluation_program``; with ``inference_kernels``, the same program
+    (``evaluation.evaluate_batches`` written out here) with its kernels derived by that."""
+    if inference_kernels is None:
+        return evaluation.evaluation_program(apply_fn, NUM_CLASSES)
+    step = functools.partial(steps.eval_step, apply_fn, num_classes=NUM_CLASSES)
+
+    def evaluate(variables, batches):
+        kernels = inference_kernels(apply_fn, variables, batches["image"][0])
+        sums = steps.scan_batches(lambda v, b: (v, step(v, b)), {**variables, **kernels}, batches)[1]
+        return sums, kernels
+
+    return jax.jit(evaluate, compiler_options=runtime.evaluation_compiler_options())
 
 
-def make_step(variant: str | None):
-    """``train.train_step`` for the current code; for the step variants, the same computation
-    written out here with its one change."""
-    if variant not in ("no-mask", "minimal-update"):
-        return functools.partial(train.train_step, num_classes=6)
-
-    def step(state, batch, rng):
-        del rng
-        images = input_pipeline.normalize(batch["image"])
-        labels, mask = batch["label"], batch["mask"]
-
-        def loss_fn(params):
-            logits, updates = state.apply_fn(
-                {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-                mask=None if variant == "no-mask" else mask, mutable=["batch_stats"])
-            per_example = train.cross_entropy(logits, labels, 6)
-            return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1), updates["batch_stats"]
-
-        grads, batch_stats = jax.grad(loss_fn, has_aux=True)(state.params)
-        if variant == "minimal-update":
-            params = jax.tree.map(lambda p, g: p + 0.0 * g[(0,) * g.ndim], state.params, grads)
-            return state.replace(params=params, batch_stats=batch_stats), {}
-        return state.apply_gradients(grads=grads, batch_stats=batch_stats), {}
-
-    return step
+# ---------------------------------------------------------------------------------------------
+# The variants
 
 
-def build(variant: str | None):
-    """Compiled 4-step chunk and evaluation for ``variant`` (None: the current code), their state
-    and inputs."""
-    step = make_step(variant)
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What a variant changes; the defaults are the current code."""
+
+    # Layer factories ('conv', 'norm', 'dense') in place of models.layer_factories' own.
+    factories: dict[str, Callable[..., nn.Module]] = dataclasses.field(default_factory=dict)
+    optimizer: optax.GradientTransformation | None = None  # in place of the config's Adam
+    compiler_options: dict | None = None  # for both programs
+    inference_kernels: Callable | None = None  # in place of evaluation.inference_kernels
+
+
+CURRENT_CODE = Variant()
+VARIANTS = {
+    "im2col-3x3": Variant(factories={"conv": functools.partial(layers.Conv2D, impl="gemm", precision=PRECISION)}),
+    "winograd-f2-only": Variant(factories=conv_layers(conv2d_with(tile_size=retiled_tile_size({4: 2}))),
+                                inference_kernels=mapped_inference_kernels(retiled_kernel({4: 2}))),
+    "winograd-f4-at-4x4": Variant(factories=conv_layers(conv2d_with(tile_size=retiled_tile_size({2: 4}))),
+                                  inference_kernels=mapped_inference_kernels(retiled_kernel({2: 4}))),
+    "winograd-f2-at-2x2": Variant(factories=conv_layers(conv2d_with(tile_size=retiled_tile_size({None: 2}))),
+                                  inference_kernels=mapped_inference_kernels(retiled_kernel({None: 2}))),
+    "copied-kernels": Variant(factories=conv_layers(conv2d_with(gemm=im2col_with(plain_product)))),
+    "no-mask": Variant(factories=norm_layers(without_mask)),
+    "minimal-update": Variant(optimizer=minimal_update()),
+    "transposed-kernel-gradients": Variant(factories=conv_layers(conv2d_with(gemm=im2col_with(
+        product_with_kernel_gradient(transposed_kernel_gradient(conv.kernel_gradient)))))),
+    "space-to-depth-stem": Variant(factories=conv_layers(conv2d_with(gemm=space_to_depth_gemm(conv.conv_gemm)))),
+    "variadic-batchnorm-forward-sums": Variant(factories=norm_layers(normalize_batch_with(forward_sums=variadic_sums))),
+    "variadic-batchnorm-sums": Variant(factories=norm_layers(normalize_batch_with(variadic_sums, variadic_sums))),
+    "no-inference-batchnorm": Variant(factories={"norm": NoInferenceBatchNorm}),
+    "xla-conv-stages-3-4": Variant(factories={"conv": xla_conv_at_stages_3_4}),
+    "kernels-derived-in-loop": Variant(inference_kernels=no_inference_kernels),
+    "im2col-at-2x2-in-evaluation": Variant(inference_kernels=mapped_inference_kernels(winograd_kernels_only)),
+    "ynn-reduce-only": Variant(compiler_options={"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}),
+    "no-ynn": Variant(compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""}),
+}
+
+
+def build(variant: Variant):
+    """Compiled 4-step chunk and evaluation for ``variant``, their state and inputs."""
+    step = functools.partial(steps.train_step, num_classes=NUM_CLASSES)
 
     def chunk(state, batches):
         def one(i, state):
@@ -293,17 +435,18 @@ def build(variant: str | None):
             return step(state, batch, jax.random.key(0))[0]
         return lax.fori_loop(0, STEPS, one, state)
 
-    with patched(variant):
-        model, state, batch = resnet50_state_and_batch("auto")
-        batches = jax.tree.map(lambda a: jnp.stack([a] * STEPS), batch)
-        options = COMPILER_OPTIONS.get(variant)
-        start = time.perf_counter()
-        train_chunk = jax.jit(chunk, donate_argnums=0).lower(state, batches).compile(options)
-        chunk_compile_s = time.perf_counter() - start
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        start = time.perf_counter()
-        evaluate = train.evaluation_program(model.apply, 6).lower(variables, batches).compile(options)
-        eval_compile_s = time.perf_counter() - start
+    model, state, batch = resnet50_state_and_batch("auto", **variant.factories)
+    if variant.optimizer is not None:
+        state = state.replace(tx=variant.optimizer, opt_state=variant.optimizer.init(state.params))
+    batches = jax.tree.map(lambda a: jnp.stack([a] * STEPS), batch)
+    options = variant.compiler_options
+    start = time.perf_counter()
+    train_chunk = jax.jit(chunk, donate_argnums=0).lower(state, batches).compile(options)
+    chunk_compile_s = time.perf_counter() - start
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    start = time.perf_counter()
+    evaluate = evaluation_program(model.apply, variant.inference_kernels).lower(variables, batches).compile(options)
+    eval_compile_s = time.perf_counter() - start
     state = train_chunk(state, batches)  # warm-up (the old state's buffers are donated)
     jax.block_until_ready(evaluate({"params": state.params, "batch_stats": state.batch_stats}, batches))
     return {"chunk": train_chunk, "evaluate": evaluate, "state": state, "batches": batches,
@@ -330,7 +473,7 @@ def main() -> int:
     args = parser.parse_args()
 
     started = datetime.datetime.now(datetime.timezone.utc)
-    runs = {"current code": build(None), args.variant: build(args.variant)}
+    runs = {"current code": build(CURRENT_CODE), args.variant: build(VARIANTS[args.variant])}
     train_s = {name: [] for name in runs}
     eval_s = {name: [] for name in runs}
     for round_index in range(args.rounds):

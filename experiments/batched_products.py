@@ -1,7 +1,7 @@
-"""How fast XLA:CPU runs the batched products of the Winograd convolution (issue 5).
+"""How fast XLA:CPU runs the batched products of the Winograd convolution.
 
-``resnet_flax.winograd`` turns each 3x3 convolution into t*t independent products, (tiles, C_in)
-@ (C_in, C_out), one per tile position, run as one batched ``dot_general``. This times those
+``resnet_flax.ops.winograd`` turns each 3x3 convolution into t*t independent products, (tiles,
+C_in) @ (C_in, C_out), one per tile position, run as one batched ``dot_general``. This times those
 products at ResNet-50's shapes (batch 32) against a single product with the same number of
 multiplications, (t*t*tiles, C_in) @ (C_in, C_out) (one kernel instead of t*t, so less memory
 traffic), and reports GFLOP/s for both.

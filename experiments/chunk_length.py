@@ -1,10 +1,11 @@
-"""Seconds per training step against the number of steps per compiled call (issue 5).
+"""Seconds per training step against the number of steps per compiled call.
 
 One training chunk of the 'gemm' (or ``--impl winograd``) ResNet-50 (batch 32), compiled once for
 16 batches as ``train_and_evaluate`` compiles it, run with 1, 2, 4, 8 and 16 steps per call in
-turns (so a change of machine speed hits every length alike). Also counts the minor page faults per call:
-XLA:CPU maps its scratch memory afresh for each call. Then the same for evaluation
-(``train.evaluation_program``, one program per batch count: 1, 4 and 16 batches of 32 per call).
+turns (so a change of machine speed hits every length alike). Also counts the minor page faults
+per call: XLA:CPU maps its scratch memory afresh for each call. Then the same for evaluation
+(``evaluation.evaluation_program``, one program per batch count: 1, 4 and 16 batches of 32 per
+call).
 
     python experiments/chunk_length.py        # ~2.5 minutes; writes experiments/chunk_length.md
     python experiments/chunk_length.py --impl winograd --out /tmp/chunk_length_winograd.md
@@ -22,7 +23,7 @@ import jax
 import numpy as np
 
 from resnet_flax import config as config_lib
-from resnet_flax import input_pipeline, models, program_cache, runtime, train
+from resnet_flax import checkpoints, evaluation, input_pipeline, models, program_cache, runtime, train
 
 HERE = Path(__file__).resolve().parent
 LENGTHS = (1, 2, 4, 8, 16)
@@ -84,8 +85,8 @@ def main() -> int:
             seconds[n].append(per_call / n)
             faults[n].append(faults_per_call)
 
-    variables = train.split_state(state)[0]
-    evaluate = train.evaluation_program(model.apply, config.num_classes)
+    variables = checkpoints.split_state(state)[0]
+    evaluate = evaluation.evaluation_program(model.apply, config.num_classes)
     eval_programs = {}
     for n in EVAL_BATCHES:
         batches = runtime.gather_batches(split.images, split.labels, indices[:n], mask[:n], mesh)
@@ -118,7 +119,7 @@ def main() -> int:
     per_call = (min(seconds[1]) - best16)
     lines += ["", f"Each call costs about {per_call * 1000:.0f} ms beyond its steps (best of 1 per call less "
               f"best of 16 per call).", "",
-              "Evaluation (`train.evaluation_program`, one program per batch count, batches of 32):", "",
+              "Evaluation (`evaluation.evaluation_program`, one program per batch count, batches of 32):", "",
               "| batches per call | s per batch (best / median of rounds) | img/s (best) | minor page faults per call |",
               "|---|---|---|---|"]
     for n in EVAL_BATCHES:

@@ -1,4 +1,4 @@
-"""How fast ResNet-50 could train here if nothing but its matrix products took time (issue 5).
+"""How fast ResNet-50 could train here if nothing but its matrix products took time.
 
 With ``conv_impl='gemm'`` every convolution of the assignment's ResNet-50 is one matrix product
 forward and two backward (the input's gradient, the kernel's gradient). This script times each

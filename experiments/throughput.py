@@ -1,14 +1,14 @@
-"""Throughput of this project's ResNet-50 against PyTorch and Keras on the same machine (issue 5).
+"""Throughput of this project's ResNet-50 against PyTorch and Keras on the same machine.
 
 One run measures, each configuration in its own subprocess one after the other (so threads and
 memory peaks do not mix):
 
-* ``jax-xla``, ``jax-gemm`` and ``jax-winograd``: this project's real training path -- ``train.create_train_state``,
-  ``train.make_train_chunk`` (a loop over chunks of up to ``steps_per_chunk`` steps: 12, 11, 11
-  for the 34 steps of a SIGNS epoch, after a first call of one step) on random uint8 images of
-  SIGNS's shape (1080 x 64x64x3) gathered chunk by chunk, and ``train.evaluation_program`` for
-  evaluation (batch 40 as the config has it, and batch 32). ResNet-50, batch 32, float32,
-  ``conv_impl`` 'xla', 'gemm' or 'winograd' (the CPU default).
+* ``jax-xla``, ``jax-gemm`` and ``jax-winograd``: this project's real training path --
+  ``steps.create_train_state``, ``steps.make_train_chunk`` (a loop over chunks of up to
+  ``steps_per_chunk`` steps: 12, 11, 11 for the 34 steps of a SIGNS epoch, after a first call of
+  one step) on random uint8 images of SIGNS's shape (1080 x 64x64x3) gathered chunk by chunk, and
+  ``evaluation.evaluation_program`` for evaluation (batch 40 as the config has it, and batch 32).
+  ResNet-50, batch 32, float32, ``conv_impl`` 'xla', 'gemm' or 'winograd' (the CPU default).
 * ``pytorch``: the same architecture in PyTorch on the CPU (experiments/peers/torch_resnet50.py).
 * ``keras``: the assignment's Keras model on Keras 3's JAX backend (experiments/peers/keras_resnet50.py).
 
@@ -94,14 +94,15 @@ def worker_jax(args) -> dict:
     """This project's ResNet-50 training and evaluation, called as ``train.train_and_evaluate`` calls
     them: ``train.start_training`` (the train state, and the training chunk compiled beside it
     through the run's exported-program cache), each chunk's batches gathered on the host
-    (``runtime.gather_batches``); evaluation by ``train.evaluation_program``."""
+    (``runtime.gather_batches``); evaluation by ``evaluation.evaluation_program``."""
     t0 = args.t0
 
     import jax
     import jax.numpy as jnp
     import numpy as np
     from resnet_flax import config as config_lib
-    from resnet_flax import input_pipeline, models, program_cache, runtime, train
+    from resnet_flax import (checkpoints, evaluation, input_pipeline, models, program_cache, runtime, steps,
+                             train)
 
     compilation_cache = runtime.enable_compilation_cache(args.cache_dir) if args.cache_dir else None
     config = config_lib.default_config()
@@ -110,7 +111,7 @@ def worker_jax(args) -> dict:
     config.batch_size = BATCH
     model = models.model_from_config(config)
     capacity = min(config.steps_per_chunk, STEPS_PER_EPOCH)
-    evaluate = train.evaluation_program(model.apply, NUM_CLASSES)
+    evaluate = evaluation.evaluation_program(model.apply, NUM_CLASSES)
     mesh = runtime.make_mesh()
     rng_np = np.random.default_rng(0)
     images = rng_np.integers(0, 256, (NUM_TRAIN, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
@@ -167,11 +168,11 @@ def worker_jax(args) -> dict:
     # As many chunks as --steps asks, fewer if they would take more than --budget-s.
     num_chunks = max(1, min(round(args.steps / mean_length), int(args.budget_s / last_chunk_s)))
     start = time.perf_counter()
-    chunk_ready, pending, steps = [], None, 0
+    chunk_ready, pending, timed_steps = [], None, 0
     for i in range(num_chunks):
         begin, length = epoch_chunks[(args.warmup_chunks + i) % len(epoch_chunks)]
         state, sums = run_chunk(state, begin, length)
-        steps += length
+        timed_steps += length
         if pending is not None:
             jax.device_get(pending)
             chunk_ready.append(time.perf_counter() - start)
@@ -186,7 +187,7 @@ def worker_jax(args) -> dict:
     # Evaluation: SIGNS's 120 test images in batches of 40 (the config's eval_batch_size), and 128
     # images in batches of 32, so neither has padding. The batches are prepared once, as the real
     # run prepares the test set once.
-    variables = train.split_state(state)[0]
+    variables = checkpoints.split_state(state)[0]
     eval_results = {}
     for eval_batch, count in ((32, 128), (config.eval_batch_size, NUM_TEST)):
         eval_inputs = batch_args(*input_pipeline.batch_indices(np.arange(count), eval_batch))
@@ -206,7 +207,7 @@ def worker_jax(args) -> dict:
     # FLOPs of one training step (batch 32) and one inference batch, as XLA's cost analysis counts them.
     batch = {"image": jnp.asarray(images[:BATCH]), "label": jnp.asarray(labels[:BATCH]),
              "mask": jnp.ones((BATCH,), bool)}
-    step = functools.partial(train.train_step, num_classes=NUM_CLASSES)
+    step = functools.partial(steps.train_step, num_classes=NUM_CLASSES)
     start = time.perf_counter()
     step_compiled = jax.jit(step).lower(state, batch, rng).compile()
     step_compile_s = time.perf_counter() - start
@@ -217,7 +218,7 @@ def worker_jax(args) -> dict:
         jax.block_until_ready(step_compiled(state, batch, rng))
         reps += 1
     single_step_s = (time.perf_counter() - start) / reps
-    forward = functools.partial(train.eval_step, model.apply, num_classes=NUM_CLASSES)
+    forward = functools.partial(steps.eval_step, model.apply, num_classes=NUM_CLASSES)
     forward_compiled = jax.jit(forward).lower(variables, batch).compile()
 
     result = {
@@ -230,9 +231,9 @@ def worker_jax(args) -> dict:
         "steps_per_chunk": capacity,
         "chunk_lengths": sorted({length for _, length in epoch_chunks}, reverse=True),
         "data_path": data_path,
-        "train_steps": steps,
+        "train_steps": timed_steps,
         "train_seconds": train_s,
-        "train_images_per_second": BATCH * steps / train_s,
+        "train_images_per_second": BATCH * timed_steps / train_s,
         "train_chunk_seconds": chunk_times,
         "last_loss": loss,
         "eval": eval_results,

@@ -1,6 +1,6 @@
 """Paired rounds: this project's ResNet-50 (the CPU default 'winograd', or ``--impl``) against
 PyTorch, alternated, to read the ratios on a shared machine whose speed drifts from minute to
-minute (issue 5).
+minute.
 
 One ``experiments/throughput.py`` run measures each configuration once, about a minute apart, so a
 drift of the machine between the two shows up as a change of the ratio (the same code gave 91.4

@@ -16,7 +16,7 @@ Both keep BatchNorm after every conv, as the assignment's model has it.
    training batches. ResNet-50's shortcut convs (``res{2..5}a_branch1``) run beside the main
    path, so they are reported separately and are not on the depth curve.
 2. During training (Adam lr 1e-3, batch 32, seed 0, no augmentation: the assignment's recipe and
-   this project's ``train.create_train_state``): the per-layer gradient norms every few steps,
+   this project's ``steps.create_train_state``): the per-layer gradient norms every few steps,
    the relative size of each Adam update, the running training loss and accuracy, and at each
    epoch's end the test accuracy in inference mode, also with BatchNorm statistics re-estimated
    (``resnet_flax.recalibration``).
@@ -51,7 +51,8 @@ REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY_ROOT))  # run as a script from a checkout without installing
 
 from resnet_flax import config as config_lib  # noqa: E402
-from resnet_flax import input_pipeline, models, recalibration, runtime, train  # noqa: E402
+from resnet_flax import checkpoints, evaluation, input_pipeline, models, recalibration, runtime, train  # noqa: E402
+from resnet_flax import steps as steps_lib  # noqa: E402  (``steps`` is a local name here)
 
 DEFAULT_OUT = REPOSITORY_ROOT / "experiments" / "vanishing_gradients"
 MODEL_NAMES = ("resnet50", "plain50")
@@ -102,7 +103,7 @@ def kernel_norms(tree, layers: dict) -> dict:
 def make_gradient_fn(layers: dict, num_classes: int):
     """``(state, batch) -> (grads, batch_stats, stats, norms)``, jitted.
 
-    The loss and gradients are computed exactly as ``train.train_step`` does (uint8 images
+    The loss and gradients are computed exactly as ``steps.train_step`` does (uint8 images
     normalised in the step, training-mode BatchNorm on the masked batch, masked mean
     cross-entropy); it stops before the update so the gradients can be measured, also at
     initialisation without training. ``norms`` are the kernel-gradient norms of ``layers``.
@@ -116,7 +117,7 @@ def make_gradient_fn(layers: dict, num_classes: int):
             logits, updates = state.apply_fn(
                 {"params": params, "batch_stats": state.batch_stats},
                 images, train=True, mask=mask, mutable=["batch_stats"])
-            per_example = train.cross_entropy(logits, labels, num_classes)
+            per_example = steps_lib.cross_entropy(logits, labels, num_classes)
             loss = jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1)
             return loss, (per_example, logits, updates["batch_stats"])
 
@@ -132,7 +133,7 @@ def make_gradient_fn(layers: dict, num_classes: int):
 
 def make_apply_fn(layers: dict):
     """``(state, grads, batch_stats) -> (state, relative_updates)``, jitted: the Adam step of
-    ``train.train_step`` and, per layer, ||kernel change|| / ||kernel before||.
+    ``steps.train_step`` and, per layer, ||kernel change|| / ||kernel before||.
 
     The relative update is what gradient descent actually does to a layer: with Adam, whose
     per-parameter step is about lr whatever the gradient's size, it need not follow the gradient norm.
@@ -192,9 +193,9 @@ def measure_at_init(gradient_fn, state, split, config, num_batches: int) -> dict
 def evaluate_test(evaluate, recalibrate, state, test_batches, recal_batches) -> dict:
     """Test loss/accuracy in inference mode, with the running BatchNorm statistics as trained and
     with statistics re-estimated over training batches."""
-    variables, _ = train.split_state(state)
-    plain = train.summarize(evaluate(variables, test_batches))
-    recal = train.summarize(evaluate(recalibrate(variables, recal_batches), test_batches))
+    variables, _ = checkpoints.split_state(state)
+    plain = evaluate(variables, test_batches)
+    recal = evaluate(recalibrate(variables, recal_batches), test_batches)
     return {"test_loss": plain["loss"], "test_accuracy": plain["accuracy"],
             "recalibrated_test_loss": recal["loss"], "recalibrated_test_accuracy": recal["accuracy"]}
 
@@ -247,13 +248,13 @@ def train_and_record(fns, state, dataset, config, args, tracked: list[str]) -> t
 
 
 def check_against_train_step(dataset, config, layers_model) -> float:
-    """Largest difference between this script's split step and ``train.train_step`` after 3 steps
+    """Largest difference between this script's split step and ``steps.train_step`` after 3 steps
     (the third a padded, masked batch), over every parameter except the conv biases, whose true
     gradient is zero and whose Adam steps are rounding noise (README, "The model")."""
-    state = train.create_train_state(config, layers_model, 34)
-    layers, _ = weight_layers(train.split_state(state)[0])
+    state = steps_lib.create_train_state(config, layers_model, 34)
+    layers, _ = weight_layers(checkpoints.split_state(state)[0])
     gradient_fn, apply_fn = make_gradient_fn(layers, config.num_classes), make_apply_fn(layers)
-    reference = jax.jit(functools.partial(train.train_step, num_classes=config.num_classes))
+    reference = jax.jit(functools.partial(steps_lib.train_step, num_classes=config.num_classes))
     indices, mask = training_batches(dataset.train, config.seed, 1, config.batch_size)
     ours, theirs = state, state
     for i in (0, 1, len(indices) - 1):
@@ -271,7 +272,7 @@ def build_model(name: str, quick: bool):
     """The named model; ``--quick`` swaps in ``resnet_tiny`` and its plain twin (same code)."""
     if not quick:
         return models.create_model(name, num_classes=6)
-    return models.MODELS["resnet_tiny"](num_classes=6, residual=(name == "resnet50"))
+    return models.MODELS["resnet_tiny"](num_classes=6, residual=(name == "resnet50"), **models.layer_factories())
 
 
 def run_model(name: str, dataset, config, args) -> dict:
@@ -280,8 +281,8 @@ def run_model(name: str, dataset, config, args) -> dict:
     start = time.perf_counter()
     model = build_model(name, args.quick)
     steps_per_epoch = -(-len(dataset.train) // config.batch_size)
-    state = train.create_train_state(config, model, steps_per_epoch)
-    variables, _ = train.split_state(state)
+    state = steps_lib.create_train_state(config, model, steps_per_epoch)
+    variables, _ = checkpoints.split_state(state)
     layers, shortcuts = weight_layers(variables)
     all_layers = {**layers, **shortcuts}
     names = list(layers)
@@ -289,7 +290,7 @@ def run_model(name: str, dataset, config, args) -> dict:
 
     gradient_fn = make_gradient_fn(all_layers, config.num_classes)
     apply_fn = make_apply_fn({n: all_layers[n] for n in tracked})
-    evaluate = train.make_evaluate(model.apply, config.num_classes)
+    evaluate = evaluation.Evaluator(model.apply, config.num_classes)
     recalibrate = recalibration.make_recalibrate(model.apply)
     test_batches = gather(dataset.test, *input_pipeline.batch_indices(
         np.arange(len(dataset.test)), config.eval_batch_size))
@@ -510,13 +511,13 @@ def write_markdown(report: dict, path: Path) -> None:
         f"Setup: real SIGNS (1080 train / 120 test), pixels / 255; Adam lr 1e-3 (Keras defaults), "
         f"batch 32, seed {report['config']['seed']}, no augmentation, {a['epochs']} epochs "
         f"({res['epochs'][-1]['steps']} steps) per model, same initial weights seed for both. The step is "
-        f"`train.train_step`'s loss and update, split into a gradient call and an update call so the "
+        f"`steps.train_step`'s loss and update, split into a gradient call and an update call so the "
         f"gradients can be read. Gradient norm = L2 norm of a layer's kernel gradient (biases are left "
         f"out: each conv bias feeds a BatchNorm, so its gradient is zero up to rounding). At init: mean "
         f"over {res['init']['batches']} batches. Depth curve: conv1, the {len(res['depth_order']) - 2} "
         f"main-path convs, fc6 ({len(res['depth_order'])} layers); ResNet-50's {len(res['shortcut_layers'])} "
         f"shortcut convs `*_branch1` are reported separately, not on the curve. `--quick` checks "
-        f"this split step against `train.train_step` (3 steps of resnet_tiny, the last a padded batch): "
+        f"this split step against `steps.train_step` (3 steps of resnet_tiny, the last a padded batch): "
         f"every kernel, BatchNorm parameter and statistic agrees within 1e-6; the conv biases differ by "
         f"rounding noise that Adam amplifies (their true gradient is zero; see the README).",
         "",
@@ -725,10 +726,10 @@ def main(argv=None) -> None:
 
     if args.quick:
         diff = check_against_train_step(dataset, config, build_model("resnet50", quick=True))
-        print(f"split step vs train.train_step after 3 steps: max |difference| {diff:.2g} "
+        print(f"split step vs steps.train_step after 3 steps: max |difference| {diff:.2g} "
               f"(conv biases excluded)", flush=True)
         if diff > 1e-6:
-            raise SystemExit("the measured step does not match train.train_step")
+            raise SystemExit("the measured step does not match steps.train_step")
     results = {name: run_model(name, dataset, config, args) for name in MODEL_NAMES}
     report = {
         "command": shlex.join(["python", "experiments/vanishing_gradients.py", *(argv or sys.argv[1:])]),

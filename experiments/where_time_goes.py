@@ -1,13 +1,13 @@
-"""Where a ResNet-50 training step and a warm start spend their time on this machine (issue 5).
+"""Where a ResNet-50 training step and a warm start spend their time on this machine.
 
 Two measurements, each in fresh processes:
 
 * **Step ablations**: the 'gemm' ResNet-50 step (batch 32, donated state, Adam) as
-  ``train.train_step`` computes it, and the same step with one part taken away: BatchNorm's
+  ``steps.train_step`` computes it, and the same step with one part taken away: BatchNorm's
   padding mask, BatchNorm itself (replaced by a per-channel scale and shift), Adam (replaced by
   plain SGD), the parameter update altogether (gradients only). What a part costs is the
   difference to the full step. One variant puts something back instead: flax's own BatchNorm,
-  differentiated op by op, as the model had it before ``resnet_flax/batchnorm.py``.
+  differentiated op by op, as the model had it before ``resnet_flax/ops/batchnorm.py``.
 * **Warm start phases**: a process that starts on a cache filled by an earlier identical process
   (XLA's executables and the exported programs of ``resnet_flax/program_cache.py``), timed from
   interpreter start through imports, ``train.start_training`` (the train state from the saved
@@ -20,6 +20,7 @@ Two measurements, each in fresh processes:
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import subprocess
@@ -31,9 +32,10 @@ from pathlib import Path
 T0 = time.time()
 HERE = Path(__file__).resolve().parent
 VARIANTS = {
-    "full step": "as train.train_step",
+    "full step": "as steps.train_step",
     "no BatchNorm mask": "mask=None (the mask keeps padding examples out of the batch statistics)",
-    "flax BatchNorm": "flax.linen.BatchNorm (gradient op by op) on conv output + bias, then ReLU, as before batchnorm.py",
+    "flax BatchNorm": ("flax.linen.BatchNorm (gradient op by op) on conv output + bias, then ReLU, as before "
+                       "ops/batchnorm.py"),
     "no BatchNorm": "every BatchNorm replaced by a per-channel scale and shift",
     "SGD instead of Adam": "params - 1e-3 * grads",
     "gradients only": "no parameter update",
@@ -46,13 +48,13 @@ def step_worker(variant: str, reps: int) -> dict:
     import jax.numpy as jnp
     import optax
 
-    from resnet_flax import batchnorm
+    from resnet_flax import input_pipeline, layers
+    from step_inputs import best_and_median, resnet50_state_and_batch
 
+    factories = {}  # the model's layer factories that the variant replaces (models.layer_factories)
     if variant == "no BatchNorm":
         class ScaleShift(nn.Module):
             use_running_average: bool = False
-            momentum: float = 0.99
-            epsilon: float = 1e-3
 
             @nn.compact
             def __call__(self, x, input_bias=None, *, mask=None, relu=False):
@@ -62,21 +64,19 @@ def step_worker(variant: str, reps: int) -> dict:
                     "bias", nn.initializers.zeros, (features,))
                 return nn.relu(y) if relu else y
 
-        batchnorm.BatchNorm = ScaleShift  # models.py looks it up at call time
+        factories["norm"] = ScaleShift
     if variant == "flax BatchNorm":
         class FlaxBatchNorm(nn.BatchNorm):
-            """The layer the model had before resnet_flax/batchnorm.py: flax's, differentiated op by
-            op, on the conv output plus bias, then a separate ReLU."""
+            """The layer the model had before resnet_flax/ops/batchnorm.py: flax's, differentiated op
+            by op, on the conv output plus bias, then a separate ReLU."""
 
             def __call__(self, x, input_bias=None, *, mask=None, relu=False):
                 y = super().__call__(x + input_bias, mask=mask)
                 return nn.relu(y) if relu else y
 
-        batchnorm.BatchNorm = FlaxBatchNorm
-    from resnet_flax import input_pipeline
-    from step_inputs import best_and_median, resnet50_state_and_batch
+        factories["norm"] = functools.partial(FlaxBatchNorm, momentum=layers.BN_MOMENTUM, epsilon=layers.BN_EPSILON)
 
-    _, state, batch = resnet50_state_and_batch("gemm")
+    _, state, batch = resnet50_state_and_batch("gemm", **factories)
 
     def step(state, batch):
         images = input_pipeline.normalize(batch["image"])

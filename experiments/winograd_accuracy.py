@@ -1,8 +1,8 @@
-"""How close each convolution implementation comes to the exact 3x3 'same' convolution (issue 5).
+"""How close each convolution implementation comes to the exact 3x3 'same' convolution.
 
 For the map sizes of ResNet-50 (15x15 and 8x8 take F(4x4, 3x3), 4x4 F(2x2, 3x3) under 'winograd')
 and an odd size, compares 'xla', 'gemm' and 'winograd' in float32 with a float64 NumPy reference
-(tests/test_conv.py's, written from the definition): the output, and the gradients of
+(tests/reference.py's, written from the definition): the output, and the gradients of
 ``sum(sin(conv(x, kernel)))`` for the input and the kernel. Errors are the largest absolute error
 divided by the largest absolute reference value.
 
@@ -19,9 +19,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-from test_conv import reference_sin_loss_grads  # noqa: E402  (the tests' float64 reference)
+from reference import reference_sin_loss_grads  # noqa: E402  (the tests' float64 reference)
 
-from resnet_flax import conv  # noqa: E402
+from resnet_flax.ops import conv  # noqa: E402
 
 SIDES = (15, 8, 7, 4)
 CHANNELS = (32, 48)

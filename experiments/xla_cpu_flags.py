@@ -1,7 +1,7 @@
-"""Does an XLA:CPU flag make this project's ResNet-50 step faster? (issue 5)
+"""Does an XLA:CPU flag make this project's ResNet-50 step faster?
 
 Each flag set runs in its own process: the 'gemm' ResNet-50 training step (batch 32, donated state,
-as ``train.train_step``) and the inference forward pass, compiled, warmed up, then timed (best and
+as ``steps.train_step``) and the inference forward pass, compiled, warmed up, then timed (best and
 median of ``--reps``), plus the loss of the first step so a flag that changes the numbers shows.
 
     python experiments/xla_cpu_flags.py            # writes experiments/xla_cpu_flags.md
@@ -37,12 +37,12 @@ FLAG_SETS = [
 def worker(reps: int) -> dict:
     import jax
 
-    from resnet_flax import input_pipeline, train
+    from resnet_flax import input_pipeline, steps
     from step_inputs import best_and_median, resnet50_state_and_batch
 
     model, state, batch = resnet50_state_and_batch("gemm")
     key = jax.random.key(0)
-    step = jax.jit(functools.partial(train.train_step, num_classes=6), donate_argnums=0)
+    step = jax.jit(functools.partial(steps.train_step, num_classes=6), donate_argnums=0)
     start = time.perf_counter()
     step = step.lower(state, batch, key).compile()
     compile_s = time.perf_counter() - start

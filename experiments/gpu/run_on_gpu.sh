@@ -1,5 +1,5 @@
 #!/bin/bash
-# GPU check for issue 5: tests on the GPU, throughput at both precisions, signs_best end to end.
+# Tests on the GPU, throughput at both precisions, configs/signs_best.py end to end.
 # Expects, in the repository root, .gpu/whl/ (wheels of ml_collections, tensorboardX and
 # flatbuffers, which the GPU image lacks: `pip download --no-deps --python-version 3.12 ...`) and
 # .gpu/signs/ (a copy of ../shared/data/signs). $OUT is where the results go.
@@ -7,7 +7,11 @@ source "$(dirname "$0")/setup.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
 python3 -c "import jax, flax, optax, orbax.checkpoint as o, h5py; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a $OUT/gpu.txt
 T0=$(date +%s)
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_conv.py tests/test_models.py tests/test_train.py > $OUT/tests.txt 2>&1; echo "tests rc $? $(( $(date +%s)-T0 )) s" | tee -a $OUT/tests.txt; tail -12 $OUT/tests.txt
+# test_conv.py with the files split from it (winograd, layers); test_train.py with its (steps, evaluation,
+# recalibration, config, sweep).
+timeout 120 python3 -m pytest -q -p no:cacheprovider --run-slow tests/test_conv.py tests/test_winograd.py \
+  tests/test_layers.py tests/test_models.py tests/test_train.py tests/test_steps.py tests/test_evaluation.py \
+  tests/test_recalibration.py tests/test_config.py tests/test_sweep.py > $OUT/tests.txt 2>&1; echo "tests rc $? $(( $(date +%s)-T0 )) s" | tee -a $OUT/tests.txt; tail -12 $OUT/tests.txt
 for p in highest default; do
 T0=$(date +%s)
 timeout 140 python3 experiments/throughput.py --only=jax --steps=60 --precision=$p --out=$OUT/throughput_gpu_$p > $OUT/throughput_stdout_$p.txt 2>&1; echo "throughput $p rc $? $(( $(date +%s)-T0 )) s"; grep -E "^\| jax" $OUT/throughput_gpu_$p.md
