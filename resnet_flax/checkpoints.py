@@ -15,8 +15,9 @@ used.
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import jax
 import ml_collections
@@ -25,6 +26,7 @@ import orbax.checkpoint as ocp
 from resnet_flax import runtime
 from resnet_flax.errors import UserError
 
+T = TypeVar("T")
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_checkpoints"
 
@@ -49,6 +51,12 @@ def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): tuple(leaf.shape)
             for path, leaf in leaves}
+
+
+def describe(error: Exception) -> str:
+    """An orbax error in a few words: its type and the start of its first line."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def check_matches(saved, expected, where: str, what: str) -> None:
@@ -116,32 +124,56 @@ class Checkpointer:
         if jax.process_index() == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(self.root / str(epoch)), str(target))
-        print(f"warning: checkpoint {self.root / str(epoch)} is damaged ({type(error).__name__}: "
-              f"{str(error).splitlines()[0][:200]}); moved it to {target} and trying the one before",
-              file=sys.stderr, flush=True)
+        print(f"warning: checkpoint {self.root / str(epoch)} is damaged ({describe(error)}); moved it to {target} "
+              "and trying the one before", file=sys.stderr, flush=True)
         self._manager.reload()
 
     def close(self) -> None:
         self._manager.close()
 
 
-def latest_epoch(path: str | Path) -> int:
+def saved_epochs(path: str | Path) -> list[int]:
+    """The epochs of ``path``'s complete checkpoints, newest first."""
     root = checkpoint_root(path)
     if not root.is_dir():
         raise UserError(f"{path}: no checkpoints (expected a workdir holding {CHECKPOINT_DIR}/)")
     manager = _manager(root, read_only=True)
-    epoch = manager.latest_step()
+    epochs = sorted(manager.all_steps(), reverse=True)
     manager.close()
-    if epoch is None:
+    if not epochs:
         raise UserError(f"{root}: holds no complete checkpoint")
-    return epoch
+    return epochs
 
 
-def load_config(path: str | Path, epoch: int | None = None) -> ml_collections.ConfigDict:
-    """The config saved with a checkpoint (the latest unless ``epoch`` is given)."""
+def newest_restorable(path: str | Path, restore: Callable[[int], T], epoch: int | None = None) -> T:
+    """``restore(epoch)`` for the newest of ``path``'s checkpoints that restores, or for ``epoch``.
+
+    The rule ``Checkpointer.restore_latest`` follows, for commands that only read: a damaged
+    checkpoint is reported and the one before it tried, and nothing is moved or deleted. A
+    ``UserError`` from ``restore`` (a checkpoint that does not fit the model) stops at once.
+    """
     root = checkpoint_root(path)
-    epoch = latest_epoch(path) if epoch is None else epoch
-    manager = _manager(root, read_only=True)
+    epochs = saved_epochs(path)
+    if epoch is not None:
+        if epoch not in epochs:
+            raise UserError(f"{root}: no checkpoint of epoch {epoch} (there are {sorted(epochs)})")
+        epochs = [epoch]
+    for candidate in epochs:
+        try:
+            return restore(candidate)
+        except UserError:
+            raise
+        except Exception as e:  # damaged: orbax raises many types for missing/truncated files
+            if epoch is not None:
+                raise UserError(f"checkpoint {root / str(candidate)} is damaged ({describe(e)})") from None
+            print(f"warning: checkpoint {root / str(candidate)} is damaged ({describe(e)}); trying the one before",
+                  file=sys.stderr, flush=True)
+    raise UserError(f"{root}: every checkpoint is damaged (epochs {sorted(epochs)})")
+
+
+def load_config(path: str | Path, epoch: int) -> ml_collections.ConfigDict:
+    """The config saved with the checkpoint of ``epoch``."""
+    manager = _manager(checkpoint_root(path), read_only=True)
     try:
         saved = manager.restore(epoch, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     finally:
@@ -149,12 +181,11 @@ def load_config(path: str | Path, epoch: int | None = None) -> ml_collections.Co
     return ml_collections.ConfigDict(saved["config"])
 
 
-def restore_variables(path: str | Path, variables: Mapping, epoch: int | None = None,
-                      optimizer: Mapping | None = None) -> tuple[dict, dict | None]:
-    """Weights (and, given an abstract ``optimizer``, the optimizer state) from another run's
-    checkpoint, checked against the abstract targets first."""
+def read_variables(path: str | Path, epoch: int, variables: Mapping, optimizer: Mapping | None = None
+                   ) -> tuple[dict, dict | None]:
+    """Weights (and, given an abstract ``optimizer``, the optimizer state) of the checkpoint of
+    ``epoch``, checked against the abstract targets first."""
     root = checkpoint_root(path)
-    epoch = latest_epoch(path) if epoch is None else epoch
     manager = _manager(root, read_only=True)
     try:
         where = str(root / str(epoch))
@@ -168,6 +199,13 @@ def restore_variables(path: str | Path, variables: Mapping, epoch: int | None = 
     finally:
         manager.close()
     return dict(restored["variables"]), (dict(restored["optimizer"]) if optimizer is not None else None)
+
+
+def restore_variables(path: str | Path, variables: Mapping, epoch: int | None = None,
+                      optimizer: Mapping | None = None) -> tuple[dict, dict | None, int]:
+    """``read_variables`` from another run's checkpoint of ``epoch``, or its newest that restores;
+    returns the weights, the optimizer state (or None) and the epoch."""
+    return newest_restorable(path, lambda e: (*read_variables(path, e, variables, optimizer), e), epoch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,9 +232,9 @@ def restore_run(state, config: ml_collections.ConfigDict, checkpointer: Checkpoi
         print(f"Resuming from {checkpointer.root / str(epoch)} (epoch {epoch})", flush=True)
         return state.replace(**variables, **optimizer), epoch
     if config.restore_from:
-        variables, optimizer = restore_variables(
+        variables, optimizer, epoch = restore_variables(
             config.restore_from, variables, optimizer=optimizer if config.restore_optimizer else None)
         what = "weights and optimizer state" if config.restore_optimizer else "weights"
-        print(f"Starting from the {what} of {config.restore_from}", flush=True)
+        print(f"Starting from the {what} of {checkpoint_root(config.restore_from) / str(epoch)}", flush=True)
         return state.replace(**variables, **(optimizer or {})), 0
     return state, 0

@@ -52,6 +52,10 @@ def default_config() -> ml_collections.ConfigDict:
     # weights only, or weights and optimizer state (step included) with restore_optimizer.
     config.restore_from = ""
     config.restore_optimizer = False
+    # A workdir that holds checkpoints resumes only with the same config, less the fields that may
+    # change (resnet_flax/workdir.py: more epochs, data and cache paths, reporting); True goes on
+    # with the new values, and history.jsonl records what changed.
+    config.allow_config_change = False
 
     # > 0: after training, also evaluate with BatchNorm statistics re-estimated over this many
     # training batches (resnet_flax/recalibration.py); both results are reported.
@@ -87,18 +91,30 @@ def validate(config: ml_collections.ConfigDict, num_train: int) -> None:
         raise UserError(f"config.keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
 
 
-def load_config_module(path: str | Path):
-    """A config file as a module (``get_config``, and ``get_sweep`` for sweeps)."""
+def load_config_module(path: str | Path, *functions: str):
+    """A config file as a module that defines ``functions`` (default ``get_config``; sweeps also
+    ``get_sweep``)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise UserError(f"{path}: not a Python config file (line {e.lineno}: {e.msg})") from None
+    except Exception as e:
+        raise UserError(f"{path}: the config file fails to run ({type(e).__name__}: {e})") from None
+    for name in functions or ("get_config",):
+        if not callable(getattr(module, name, None)):
+            raise UserError(f"{path}: a config file must define {name}()")
     return module
 
 
 def load_config_file(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
     """``get_config([arg])`` of a config file, as ``--config=path[:arg]`` would load it."""
     module = load_config_module(path)
-    return module.get_config(arg) if arg is not None else module.get_config()
+    try:
+        return module.get_config(arg) if arg is not None else module.get_config()
+    except Exception as e:
+        raise UserError(f"{path}: get_config() fails ({type(e).__name__}: {e})") from None

@@ -5,12 +5,10 @@ checkpoint in DIR, or ``--epoch``. ``--data_dir`` reads the data from elsewhere 
 """
 
 import json
-import sys
 
-from absl import app, flags, logging
+from absl import flags
 
-from resnet_flax import evaluation, input_pipeline, pretrained, runtime
-from resnet_flax.errors import UserError
+from resnet_flax import cli, evaluation, input_pipeline, pretrained, runtime
 
 FLAGS = flags.FLAGS
 
@@ -39,12 +37,7 @@ def evaluate_checkpoint(workdir, epoch=None, data_dir=None, batch_size=40) -> di
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.ERROR)
-    try:
-        result = evaluate_checkpoint(FLAGS.workdir, FLAGS.epoch, FLAGS.data_dir, FLAGS.batch_size)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    result = evaluate_checkpoint(FLAGS.workdir, FLAGS.epoch, FLAGS.data_dir, FLAGS.batch_size)
     if FLAGS.json:
         print(json.dumps(result))
     else:
@@ -53,5 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

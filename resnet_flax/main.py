@@ -6,14 +6,12 @@ Several hosts: start the same command on each with ``--coordinator_address=HOST0
 --num_processes=N --process_id=I`` (or under Slurm / Open MPI, where JAX finds these itself).
 """
 
-import sys
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from resnet_flax import runtime, train
-from resnet_flax.errors import UserError
+from resnet_flax import cli
 
 FLAGS = flags.FLAGS
 
@@ -38,17 +36,13 @@ def default_workdir(config_path: str) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.ERROR)  # JAX and orbax info is noise for a user
+    from resnet_flax import runtime, train  # JAX: imported once the command line is known to be good
+
     workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
-    try:
-        runtime.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
-                                       FLAGS.num_processes, FLAGS.process_id)
-        train.train_and_evaluate(FLAGS.config, workdir)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    runtime.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                                   FLAGS.process_id)
+    train.train_and_evaluate(FLAGS.config, workdir)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

@@ -7,7 +7,8 @@ mean subtraction) at prediction time but not in training, and got the wrong clas
 ``input_pipeline.normalize`` serves both.
 
 Prints per image the class and the probability vector (``--json``: one JSON object per line).
-A file that cannot be classified gets its own error line; the others are still classified, and the
+A folder stands for the images in it, in sorted order (``--recursive``: in its subfolders too). A
+file that cannot be classified gets its own error line; the others are still classified, and the
 exit status is 1 if any failed.
 """
 
@@ -16,11 +17,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from PIL import Image, ImageOps
 
-from resnet_flax import input_pipeline, pretrained
+from resnet_flax import checkpoints, cli, input_pipeline, pretrained
 from resnet_flax.errors import UserError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 FLAGS = flags.FLAGS
 
@@ -30,17 +33,35 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "A trained run's workdir (or its checkpoints/ folder).", required=True)
     flags.DEFINE_integer("epoch", None, "Which checkpoint; default the newest.")
     flags.DEFINE_bool("json", False, "One JSON object per image instead of text.")
+    flags.DEFINE_bool("recursive", False, "For a folder, also classify the images in its subfolders.")
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:
     """An image file as uint8 RGB (size, size, 3), upright, resized with antialiasing."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: a folder without image files ({', '.join(IMAGE_SUFFIXES)}); "
+                        "--recursive also searches its subfolders")
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     image = input_pipeline.read_image(path, transform=ImageOps.exif_transpose)
     if image.shape[:2] != (size, size):
         image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
     return image
+
+
+def expand_folders(paths, recursive: bool = False) -> list[Path]:
+    """``paths`` with each folder replaced by the image files in it (by suffix), sorted; a folder
+    without images stays, and is reported as such."""
+    expanded = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in (path.rglob("*") if recursive else path.iterdir())
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            expanded += found or [path]
+        else:
+            expanded.append(path)
+    return expanded
 
 
 def classify(trained: pretrained.Trained, paths) -> list[dict]:
@@ -71,16 +92,11 @@ def format_result(result: dict) -> str:
 
 
 def main(argv):
-    paths = argv[1:]
-    if not paths:
-        raise app.UsageError("give one or more image files")
-    logging.set_verbosity(logging.ERROR)
-    try:
-        trained = pretrained.load(FLAGS.workdir, FLAGS.epoch)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    results = classify(trained, paths)
+    if not argv[1:]:
+        raise UserError("give one or more image files or folders")
+    trained = pretrained.load(FLAGS.workdir, FLAGS.epoch)
+    print(f"checkpoint: {checkpoints.checkpoint_root(FLAGS.workdir) / str(trained.epoch)}", file=sys.stderr)
+    results = classify(trained, expand_folders(argv[1:], FLAGS.recursive))
     for result in results:
         line = json.dumps(result) if FLAGS.json else format_result(result)
         print(line, file=sys.stderr if "error" in result and not FLAGS.json else sys.stdout)
@@ -88,5 +104,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

@@ -42,10 +42,13 @@ def abstract_variables(model: models.ResNet, image_size: int, mesh=None) -> dict
 
 
 def load(workdir: str | Path, epoch: int | None = None) -> Trained:
-    """The model and weights of ``workdir``'s newest checkpoint (or of ``epoch``)."""
-    epoch = checkpoints.latest_epoch(workdir) if epoch is None else epoch
-    config = checkpoints.load_config(workdir, epoch)
-    model = models.model_from_config(config)
-    variables, _ = checkpoints.restore_variables(
-        workdir, abstract_variables(model, config.image_size), epoch=epoch)
-    return Trained(model, variables, config, epoch)
+    """The model and weights of ``workdir``'s newest checkpoint that restores (or of ``epoch``);
+    damaged ones are reported and skipped (``checkpoints.newest_restorable``), never moved."""
+
+    def restore(epoch: int) -> Trained:
+        config = checkpoints.load_config(workdir, epoch)
+        model = models.model_from_config(config)
+        variables, _ = checkpoints.read_variables(workdir, epoch, abstract_variables(model, config.image_size))
+        return Trained(model, variables, config, epoch)
+
+    return checkpoints.newest_restorable(workdir, restore, epoch)

@@ -144,11 +144,23 @@ def scan_batches(step_fn, carry, batches):
     return carry, jax.tree.map(jnp.sum, sums)
 
 
+def nonfinite_state(state: TrainState) -> dict[str, jax.Array]:
+    """1.0 where the parameters or BatchNorm's running statistics hold a NaN or an infinity (a
+    non-finite gradient makes the parameters so at its update), else 0.0: checked once per chunk,
+    since weights can break while the loss, computed before each update, still looks fine."""
+    def flag(tree) -> jax.Array:
+        finite = jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)])
+        return 1.0 - jnp.all(finite).astype(jnp.float32)
+
+    return {"nonfinite_params": flag(state.params), "nonfinite_batch_stats": flag(state.batch_stats)}
+
+
 def make_train_chunk(config):
     """``(state, batches, num_steps) -> (state, sums)``: the first ``num_steps`` batches of
     ``batches`` (arrays of shape (chunk, batch, ...)), all steps in one compiled call, the state's
-    buffers donated; ``num_steps`` defaults to all of them. It is a traced value: one program runs
-    chunks of any length up to the arrays' (an epoch's short first or last chunk included).
+    buffers donated; the sums also hold the ``nonfinite_state`` it ends with. ``num_steps``
+    defaults to all of them. It is a traced value: one program runs chunks of any length up to
+    the arrays' (an epoch's short first or last chunk included).
     Augmentation draws from ``config.seed`` folded with the step, so a resumed run repeats it
     exactly."""
     step = functools.partial(train_step, num_classes=config.num_classes,
@@ -164,7 +176,8 @@ def make_train_chunk(config):
             return state, jax.tree.map(jnp.add, totals, sums)
 
         zeros = dict.fromkeys(("loss_sum", "correct", "count"), jnp.zeros((), jnp.float32))
-        return lax.fori_loop(0, num_steps, one_step, (state, zeros))
+        state, totals = lax.fori_loop(0, num_steps, one_step, (state, zeros))
+        return state, {**totals, **nonfinite_state(state)}
 
     compiled = jax.jit(train_chunk, donate_argnums=0)
 

@@ -13,17 +13,17 @@ import csv
 import itertools
 import json
 import re
-import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_collections
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from resnet_flax import metrics, train
+from resnet_flax import cli, metrics, train
+from resnet_flax import workdir as workdir_lib
 from resnet_flax.config import load_config_module
 from resnet_flax.errors import UserError
 
@@ -66,7 +66,7 @@ def apply_overrides(base: ml_collections.ConfigDict, overrides: Mapping[str, Any
 def run_sweep(base: ml_collections.ConfigDict, settings: Sequence[Mapping[str, Any]], workdir: str | Path,
               log=print) -> list[dict[str, Any]]:
     """Runs every setting not yet finished; returns one result row per setting."""
-    workdir = Path(workdir)
+    workdir = workdir_lib.prepare(workdir)
     configs = [apply_overrides(base, overrides) for overrides in settings]  # all checked up front
     rows = []
     for index, (overrides, config) in enumerate(zip(settings, configs)):
@@ -111,22 +111,16 @@ def define_flags() -> None:
 
 def main(argv) -> None:
     del argv
-    logging.set_verbosity(logging.ERROR)
     FLAGS = flags.FLAGS
     config_file = FLAGS["config"].config_filename.split(":")[0]
     workdir = Path(FLAGS.workdir or Path("runs") / Path(config_file).stem)
     start = time.perf_counter()
-    try:
-        settings = load_config_module(config_file).get_sweep()
-        rows = run_sweep(FLAGS.config, settings, workdir)
-        write_results(rows, workdir, title=f"sweep {Path(config_file).stem}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    settings = load_config_module(config_file, "get_config", "get_sweep").get_sweep()
+    rows = run_sweep(FLAGS.config, settings, workdir)
+    write_results(rows, workdir, title=f"sweep {Path(config_file).stem}")
     print(f"{len(rows)} runs in {time.perf_counter() - start:.0f}s; table: {workdir / 'results.md'}")
     print((workdir / "results.md").read_text())
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

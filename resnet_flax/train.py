@@ -26,6 +26,7 @@ import numpy as np
 from resnet_flax import config as config_lib
 from resnet_flax import (checkpoints, evaluation, input_pipeline, metrics, models, program_cache, recalibration,
                          runtime, steps)
+from resnet_flax import workdir as workdir_lib
 from resnet_flax.errors import UserError
 from resnet_flax.ops import conv
 
@@ -51,11 +52,17 @@ def chunk_lengths(num_steps: int, limit: int, first: int | None = None) -> list[
     return lengths
 
 
-def _check_finite(sums: Mapping[str, float], epoch: int) -> None:
-    if not math.isfinite(sums["loss"]):
-        raise TrainingDiverged(
-            f"training diverged: the loss is {sums['loss']} in epoch {epoch}; no checkpoint was "
-            f"written for it (try a lower config.learning_rate)")
+def check_finite(totals: Mapping[str, float], epoch: int) -> None:
+    """Stops the run when the training loss so far, or the parameters or BatchNorm statistics a
+    chunk ended with, are not finite: before anything of the epoch is written."""
+    loss = steps.summarize(totals)["loss"]
+    broken = (f"the loss is {loss}" if not math.isfinite(loss) else
+              "the parameters became non-finite (NaN or infinite)" if totals.get("nonfinite_params") else
+              "BatchNorm's running statistics became non-finite (NaN or infinite)"
+              if totals.get("nonfinite_batch_stats") else None)
+    if broken:
+        raise TrainingDiverged(f"training diverged: {broken} in epoch {epoch}; no checkpoint was written for "
+                               f"it (try a lower config.learning_rate)")
 
 
 def abstract_batches(num_steps: int, batch_size: int, image_size: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -87,15 +94,15 @@ def train_epoch(train_chunk, state: steps.TrainState, split: input_pipeline.Spli
     """
     indices, mask = input_pipeline.batch_indices(
         input_pipeline.epoch_order(config.seed, epoch, len(split)), config.batch_size)
-    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    totals = dict.fromkeys(("loss_sum", "correct", "count", "nonfinite_params", "nonfinite_batch_stats"), 0.0)
     bar = metrics.progress_bar(len(split), epoch, config.num_epochs, enabled=show_progress)
     start = time.perf_counter()
 
     def account(sums) -> None:
         for name, value in jax.device_get(sums).items():
             totals[name] += float(value)
+        check_finite(totals, epoch)
         so_far = steps.summarize(totals)
-        _check_finite(so_far, epoch)
         bar.update(so_far["count"] - bar.n)
         bar.set_postfix(loss=f"{so_far['loss']:.4f}", accuracy=f"{so_far['accuracy']:.4f}",
                         img_per_s=f"{so_far['count'] / (time.perf_counter() - start):.0f}")
@@ -147,12 +154,20 @@ def start_training(config, model, steps_per_epoch: int, chunk: int, mesh, progra
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, mesh=None) -> dict[str, Any]:
     """Trains ``config.model`` on SIGNS, evaluating after every epoch; returns the summary.
 
-    Resumes from ``workdir``'s checkpoints if it has any. Writes ``config.json``,
+    Resumes from ``workdir``'s checkpoints if it has any (with the same config, less the fields
+    ``resnet_flax/workdir.py`` lets change). Writes ``config.json``, ``history.jsonl``,
     ``metrics.jsonl``, ``summary.json``, ``curves.png``, TensorBoard events and checkpoints into
-    ``workdir``. ``mesh`` defaults to all devices of all processes.
+    ``workdir``, which no other run may use meanwhile. ``mesh`` defaults to all devices of all
+    processes.
     """
-    workdir = Path(workdir)
+    workdir = workdir_lib.prepare(workdir)
+    with workdir_lib.Lock(workdir, enabled=jax.process_index() == 0):
+        return _train_and_evaluate(config, workdir, mesh)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh) -> dict[str, Any]:
     is_main_process = jax.process_index() == 0
+    changes = workdir_lib.check_resumed_config(workdir, config.to_dict(), config_lib.default_config().to_dict())
     programs = program_cache.for_config(config, runtime.enable_compilation_cache(config.compilation_cache_dir))
     dataset = input_pipeline.load_dataset(config)
     config_lib.validate(config, len(dataset.train))
@@ -171,8 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, m
     test_batches = evaluation.split_batches(dataset.test, config.eval_batch_size, mesh)
 
     if is_main_process:
-        workdir.mkdir(parents=True, exist_ok=True)
-        metrics.write_json(workdir / "config.json", config.to_dict())
+        workdir_lib.record_start(workdir, config.to_dict(), last_epoch, changes)
         print(f"number of training examples = {num_train}\nnumber of test examples = {len(dataset.test)}\n"
               f"data: {dataset.train.source}, {dataset.test.source}\n"
               f"model: {config.model} ({conv.resolve_impl(config.conv_impl)} conv), {mesh.size} "
@@ -194,6 +208,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, m
                                    capacity, show_progress=is_main_process)
         seconds = time.perf_counter() - epoch_start
         test = test_metrics()
+        if not math.isfinite(test["loss"]):
+            raise TrainingDiverged(f"training diverged: the test loss is {test['loss']} after epoch {epoch} (the "
+                                   f"weights give non-finite outputs in inference mode); no checkpoint was "
+                                   f"written for it (try a lower config.learning_rate)")
         record = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                   "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                   "seconds": seconds, "images_per_second": num_train / seconds}

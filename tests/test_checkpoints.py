@@ -116,8 +116,10 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(smoke_run, smoke_c
 
 def test_resuming_with_a_different_model_names_the_first_differing_path(smoke_copy):
     before = sorted(p.name for p in (smoke_copy / "checkpoints").iterdir())
-    with pytest.raises(UserError, match=r"variable params/fc10/bias is missing from the checkpoint"):
+    with pytest.raises(UserError, match=r"holds a run with another config \(num_classes 6 -> 10\)"):
         train.train_and_evaluate(smoke_config(num_classes=10), smoke_copy)
+    with pytest.raises(UserError, match=r"variable params/fc10/bias is missing from the checkpoint"):
+        train.train_and_evaluate(smoke_config(num_classes=10, allow_config_change=True), smoke_copy)
     wider_stem = models.MODELS["resnet_tiny"](num_classes=6, stem_features=16)
     with pytest.raises(UserError, match=r"checkpoints/2: variable batch_stats/bn_conv1/mean has shape \(8,\) "
                                         r"in the checkpoint but \(16,\) in the model being built"):

@@ -197,6 +197,7 @@ def exported(flax_variables, tmp_path_factory):
 # --- import -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["keras3_weights_h5", "keras3_full_h5", "keras3_archive", "keras2_full_h5"])
 def test_import_holds_every_keras_weight_exactly(keras_model, keras_files, fmt):
     variables, num_classes = keras_io.load_keras_weights(keras_files[fmt])
@@ -208,6 +209,7 @@ def test_import_holds_every_keras_weight_exactly(keras_model, keras_files, fmt):
     )
 
 
+@pytest.mark.slow
 def test_keras3_weights_without_layer_names_are_matched_by_position(keras_model, keras_files, imported, tmp_path):
     # Keras 3 releases before the 'name' attribute wrote only class-and-position group names.
     path = tmp_path / "old.weights.h5"
@@ -300,6 +302,7 @@ def test_export_then_import_round_trips_bitwise(flax_variables, exported, fmt):
     assert_trees_identical(variables, flax_variables)
 
 
+@pytest.mark.slow
 def test_layer_order_is_the_keras_models(keras_model, flax_variables):
     expected = [layer.name for layer in weighted_layers(keras_model)]
     assert keras_io.keras_layer_order(models.keras_layer_paths(flax_variables)) == expected
@@ -339,6 +342,7 @@ def edited_copy(source, destination, edit):
     return destination
 
 
+@pytest.mark.slow
 def test_a_missing_layer_is_named(keras_files, exported, tmp_path):
     def drop_legacy(f):
         group = f["model_weights"]

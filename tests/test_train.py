@@ -75,11 +75,6 @@ def test_nan_loss_stops_training(tmp_path):
         train.train_and_evaluate(config, tmp_path)
 
 
-def run_main(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "resnet_flax.main", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env=env)
-
-
 def test_command_line_reports_bad_input_in_one_line(tmp_path):
     """A bad override, a missing data directory and corrupt data: one line each, exit status 1."""
     bad_h5 = write_signs_h5(tmp_path / "bad", train_set_x=np.zeros((48, 64, 64), np.uint8))
@@ -89,8 +84,13 @@ def test_command_line_reports_bad_input_in_one_line(tmp_path):
         ([f"--config.data_dir={tmp_path / 'missing'}"], f"config.data_dir={tmp_path / 'missing'}"),
         ([f"--config.data_dir={bad_h5}"], "train_signs.h5: images must have shape (N, 64, 64, 3)"),
     ]
-    for overrides, message in cases:
-        result = run_main("--config=configs/smoke.py", f"--workdir={tmp_path / 'run'}", *overrides)
+    processes = [subprocess.Popen([sys.executable, "-m", "resnet_flax.main", "--config=configs/smoke.py",
+                                   f"--workdir={tmp_path / f'run{i}'}", *overrides], cwd=REPO, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for i, (overrides, _) in enumerate(cases)]  # independent: side by side
+    for process, (_, message) in zip(processes, cases):
+        result = subprocess.CompletedProcess(process.args, 0, *process.communicate(timeout=300))
+        result.returncode = process.returncode
         assert result.returncode == 1, result.stderr
         assert result.stderr.strip().splitlines()[-1].startswith("error: "), result.stderr
         assert message in result.stderr

@@ -9,13 +9,13 @@ newest checkpoint's weights for Keras's ``model.load_weights`` (``.weights.h5``:
 other ``.h5``: Keras 2 layout).
 """
 
-import sys
 from pathlib import Path
 
 import jax
-from absl import app, flags, logging
+from absl import flags
 
-from resnet_flax import checkpoints, models, pretrained, steps
+from resnet_flax import checkpoints, cli, models, pretrained, steps
+from resnet_flax import workdir as workdir_lib
 from resnet_flax.config import default_config
 from resnet_flax.errors import UserError
 from resnet_flax.keras_io.weights import load_keras_weights, save_keras_weights
@@ -32,6 +32,7 @@ def define_flags() -> None:
 def import_weights(keras_file: str | Path, workdir: str | Path) -> int:
     """Writes a checkpoint of ``keras_file``'s weights into ``workdir``; returns num_classes."""
     variables, num_classes = load_keras_weights(keras_file)
+    workdir = workdir_lib.prepare(workdir)
     if checkpoints.checkpoint_root(workdir).is_dir():
         raise UserError(f"{workdir}: already holds checkpoints; import into a new workdir")
     config = default_config()
@@ -45,31 +46,29 @@ def import_weights(keras_file: str | Path, workdir: str | Path) -> int:
     return num_classes
 
 
-def export_weights(workdir: str | Path, keras_file: str | Path, epoch: int | None = None) -> None:
+def export_weights(workdir: str | Path, keras_file: str | Path, epoch: int | None = None) -> int:
+    """Writes the weights of ``workdir``'s newest checkpoint that restores (or of ``epoch``);
+    returns its epoch."""
     trained = pretrained.load(workdir, epoch)
     if trained.config.model != "resnet50":
         raise UserError(f"{workdir}: holds a {trained.config.model}; only the assignment's resnet50 "
                         "has a Keras twin to export to")
     save_keras_weights(jax.device_get(trained.variables), keras_file)
+    return trained.epoch
 
 
 def main(argv):
-    logging.set_verbosity(logging.ERROR)
     if len(argv) != 3 or argv[1] not in ("import", "export"):
-        raise app.UsageError("usage: import FILE.h5 --workdir=DIR | export --workdir=DIR OUT.h5")
+        raise UserError("usage: python -m resnet_flax.keras_io import FILE.h5 --workdir=DIR | "
+                        "export --workdir=DIR OUT.h5")
     command, path = argv[1], argv[2]
-    try:
-        if command == "import":
-            num_classes = import_weights(path, FLAGS.workdir)
-            print(f"imported {path} ({num_classes} classes) into {checkpoints.checkpoint_root(FLAGS.workdir)}/0")
-        else:
-            export_weights(FLAGS.workdir, path, FLAGS.epoch)
-            print(f"exported {FLAGS.workdir} to {path}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    if command == "import":
+        num_classes = import_weights(path, FLAGS.workdir)
+        print(f"imported {path} ({num_classes} classes) into {checkpoints.checkpoint_root(FLAGS.workdir)}/0")
+    else:
+        epoch = export_weights(FLAGS.workdir, path, FLAGS.epoch)
+        print(f"exported {checkpoints.checkpoint_root(FLAGS.workdir) / str(epoch)} to {path}")
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)
