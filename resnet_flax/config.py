@@ -61,6 +61,12 @@ def default_config() -> ml_collections.ConfigDict:
     # training batches (resnet_flax/recalibration.py); both results are reported.
     config.bn_recalibration_batches = 0
 
+    # > 0: a jax.profiler trace of this many steps, the call right after the first step of the
+    # run, into <workdir>/profile (TensorBoard's profile plugin or Perfetto; docs/performance.md).
+    # At most steps_per_chunk; the weights are those of a run without it, bit for bit (that
+    # epoch's mean training loss up to float32 rounding: its steps are summed in other calls).
+    config.profile_steps = 0
+
     # JAX's persistent compilation cache, with the saved traced programs of program_cache.py in
     # its exported_programs/ folder: '' = ~/.cache/resnet_flax/jax_compilation_cache, 'off'.
     config.compilation_cache_dir = ""
@@ -87,6 +93,9 @@ def validate(config: ml_collections.ConfigDict, num_train: int) -> None:
         raise UserError(f"config.bn_recalibration_batches must be >= 0, got {config.bn_recalibration_batches}")
     if config.checkpoint_every_epochs < 1:
         raise UserError(f"config.checkpoint_every_epochs must be >= 1, got {config.checkpoint_every_epochs}")
+    if not 0 <= config.profile_steps <= config.steps_per_chunk:
+        raise UserError(f"config.profile_steps must be in [0, config.steps_per_chunk={config.steps_per_chunk}], "
+                        f"got {config.profile_steps}")
     if config.keep_checkpoints < 1:
         raise UserError(f"config.keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
 

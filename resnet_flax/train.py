@@ -29,6 +29,7 @@ from resnet_flax import (checkpoints, evaluation, input_pipeline, metrics, model
 from resnet_flax import workdir as workdir_lib
 from resnet_flax.errors import UserError
 from resnet_flax.ops import conv
+from resnet_flax.summary import totals_line
 
 
 class TrainingDiverged(UserError):
@@ -85,12 +86,14 @@ def gather_chunk(split: input_pipeline.Split, indices: np.ndarray, mask: np.ndar
 
 
 def train_epoch(train_chunk, state: steps.TrainState, split: input_pipeline.Split, epoch: int, config, mesh,
-                lengths: list[int], capacity: int, show_progress: bool) -> tuple[steps.TrainState, dict[str, float]]:
+                lengths: list[int], capacity: int, show_progress: bool, profile: tuple[int, Path] | None = None
+                ) -> tuple[steps.TrainState, dict[str, float]]:
     """One pass over the training set in the order of (seed, epoch), in calls of ``lengths`` steps
     (``chunk_lengths``) of a chunk compiled for ``capacity`` batches.
 
     The next chunk's batches are gathered on the host while the device runs the current one, and
     the host waits only for the previous chunk's sums (for the progress bar and the NaN check).
+    ``profile`` = (i, folder) writes a ``jax.profiler`` trace of the i-th call into the folder.
     """
     indices, mask = input_pipeline.batch_indices(
         input_pipeline.epoch_order(config.seed, epoch, len(split)), config.batch_size)
@@ -108,9 +111,15 @@ def train_epoch(train_chunk, state: steps.TrainState, split: input_pipeline.Spli
                         img_per_s=f"{so_far['count'] / (time.perf_counter() - start):.0f}")
 
     pending, begin = None, 0
-    for length in lengths:
+    for call, length in enumerate(lengths):
         chunk_args = gather_chunk(split, indices, mask, begin, length, capacity, mesh)
+        if profile is not None and call == profile[0]:
+            jax.block_until_ready(state)  # the trace holds this call's steps alone
+            jax.profiler.start_trace(str(profile[1]), create_perfetto_trace=True)
         state, sums = train_chunk(state, *chunk_args)
+        if profile is not None and call == profile[0]:
+            jax.block_until_ready((state, sums))
+            jax.profiler.stop_trace()
         if pending is not None:
             account(pending)
         pending, begin = sums, begin + length
@@ -190,7 +199,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh) 
         print(f"number of training examples = {num_train}\nnumber of test examples = {len(dataset.test)}\n"
               f"data: {dataset.train.source}, {dataset.test.source}\n"
               f"model: {config.model} ({conv.resolve_impl(config.conv_impl)} conv), {mesh.size} "
-              f"{jax.default_backend()} device(s), {steps_per_epoch} steps of {config.batch_size} per epoch")
+              f"{jax.default_backend()} device(s), {steps_per_epoch} steps of {config.batch_size} per epoch\n"
+              f"{totals_line(checkpoints.split_state(state)[0])}")
 
     # Compiled once, for the shapes of the test set, when first needed (after the first epoch).
     evaluate = evaluation.Evaluator(model.apply, config.num_classes, programs)
@@ -203,9 +213,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh) 
     for epoch in range(last_epoch + 1, config.num_epochs + 1):
         epoch_start = time.perf_counter()
         # This process's first epoch starts with one step alone: its result (or error) shows at once.
-        lengths = chunk_lengths(steps_per_epoch, capacity, first=1 if epoch == last_epoch + 1 else None)
+        first_epoch = epoch == last_epoch + 1
+        lengths = chunk_lengths(steps_per_epoch, capacity, first=1 if first_epoch else None)
+        profile = None
+        if config.profile_steps and first_epoch:
+            # After that step (compiled, warm): a call of profile_steps steps, traced by process 0.
+            # Every process makes the same calls, as a sharded program needs.
+            lengths = [1, *chunk_lengths(steps_per_epoch - 1, capacity, first=config.profile_steps)]
+            profile = (1, workdir / "profile") if is_main_process else None
         state, train = train_epoch(train_chunk, state, dataset.train, epoch, config, mesh, lengths,
-                                   capacity, show_progress=is_main_process)
+                                   capacity, show_progress=is_main_process, profile=profile)
+        if profile is not None:
+            print(f"profile of {config.profile_steps} steps: {profile[1]} (tensorboard --logdir={profile[1]}, "
+                  "or perfetto_trace.json.gz in ui.perfetto.dev)", flush=True)
         seconds = time.perf_counter() - epoch_start
         test = test_metrics()
         if not math.isfinite(test["loss"]):
