@@ -86,13 +86,9 @@ class MetricsWriter:
 
 def plot_curves(records: Sequence[Mapping[str, float]], path: Path, title: str = "") -> None:
     """Loss and accuracy per epoch, train and test, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = [r["epoch"] for r in records]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = _figure(figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for split in ("train", "test"):
         ax_loss.plot(epochs, [r[f"{split}_loss"] for r in records], "o-", label=split)
         ax_acc.plot(epochs, [r[f"{split}_accuracy"] for r in records], "o-", label=split)
@@ -105,18 +101,13 @@ def plot_curves(records: Sequence[Mapping[str, float]], path: Path, title: str =
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_sweep(rows: Sequence[Mapping], path: Path, title: str = "") -> None:
     """Test accuracy of every run of a sweep (and with re-estimated BatchNorm, when reported)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [r["run"].split("_", 1)[1] for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 4.5))
+    fig = _figure(figsize=(max(6, 0.6 * len(rows) + 2), 4.5))
+    ax = fig.subplots()
     positions = range(len(rows))
     series = [("test_accuracy", "test accuracy")]
     if any(r.get("recalibrated_test_accuracy") is not None for r in rows):
@@ -131,4 +122,11 @@ def plot_sweep(rows: Sequence[Mapping], path: Path, title: str = "") -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+
+
+def _figure(**kwargs):
+    """A matplotlib figure drawn off-screen without touching pyplot's backend, which a notebook
+    that calls ``train_and_evaluate`` keeps for its own inline plots."""
+    from matplotlib.figure import Figure  # imported here: heavy, and only process 0 plots
+
+    return Figure(**kwargs)
