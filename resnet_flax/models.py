@@ -185,7 +185,7 @@ class ResNet(nn.Module):
                     x = IdentityBlock(**common)(x, train=train, mask=mask)
             self.sow("intermediates", f"stage{stage}", x)
 
-        x = nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
         self.sow("intermediates", "avg_pool", x)
         x = x.reshape(x.shape[0], -1)
         return self.dense(self.num_classes, kernel_init=nn.initializers.glorot_uniform(),
