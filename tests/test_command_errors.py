@@ -88,6 +88,9 @@ def test_command_line_mistakes_are_one_line_each(tmp_path, run_copy):
         (command("sweep", f"--config={no_sweep}"), ["no_sweep.py", "get_sweep()"]),
         (command("keras_io", f"--workdir={run_copy}"), ["usage"]),
         (command("keras_io", "export", f"--workdir={empty}", tmp_path / "out.weights.h5"), ["no checkpoints"]),
+        (command("summary", smoke, "--config.modle=resnet50"), ["modle", "did you mean --config.model?"]),
+        (command("export", f"--workdir={empty}", tmp_path / "model.onnx"), ["no checkpoints"]),
+        (command("export", f"--workdir={run_copy}"), ["usage"]),
     ]
     results = run_all([c for c, _ in cases])
     for (_, names), result in zip(cases, results):
