@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from absl import app, flags, logging
 
+from resnet_flax.config import load_config_file
 from resnet_flax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -23,7 +24,8 @@ _CONFIG_OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)(=|$)")
 
 def fail(message: str, status: int = 1) -> None:
     """Prints ``error: message`` (its first line) on stderr and exits."""
-    print(f"error: {message.strip().splitlines()[0] if message.strip() else message}", file=sys.stderr, flush=True)
+    first_line = (message.strip().splitlines() or [""])[0]
+    print(f"error: {first_line}", file=sys.stderr, flush=True)
     sys.exit(status)
 
 
@@ -42,9 +44,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         if "config" in FLAGS:
             check_config_arguments(argv)
         return FLAGS(argv)
-    except UserError as e:
-        fail(str(e))
-    except flags.Error as e:
+    except (UserError, flags.Error) as e:
         fail(str(e))
     except Exception as e:  # an override's value that the config cannot take
         fail(f"{_config_argument(argv) or 'flags'}: {type(e).__name__}: {e}")
@@ -62,8 +62,6 @@ def _config_argument(argv: Sequence[str]) -> str | None:
 def check_config_arguments(argv: Sequence[str]) -> None:
     """Stops with one line on a ``--config`` file that is missing, is not valid Python or lacks
     ``get_config``, and on an override of a field the config does not have (naming the closest)."""
-    from resnet_flax.config import load_config_file  # the config module is light; no JAX
-
     value = _config_argument(argv)
     if value is None:
         return  # absl reports the missing required flag

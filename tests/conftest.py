@@ -77,7 +77,7 @@ def config():
 
 def assert_states_close(a, b, rtol=1e-4, atol=1e-6):
     """Params and batch statistics of two train states agree, conv biases included: BatchNorm
-    takes them in with an exactly zero gradient (resnet_flax/batchnorm.py), so they stay equal."""
+    takes them in with an exactly zero gradient (resnet_flax/ops/batchnorm.py), so they stay equal."""
 
     def leaves(state):
         flat = jax.tree_util.tree_leaves_with_path({"params": state.params, "batch_stats": state.batch_stats})

@@ -63,7 +63,7 @@ def test_four_devices_train_like_one(tmp_path):
     names = sorted(k.split(":", 1)[1] for k in results.files if k.startswith("one:"))
     assert len(names) > 20
     np.testing.assert_allclose(results["four:loss_sum"], results["one:loss_sum"], rtol=1e-5)
-    for name in names:  # conv biases included: their gradient is exactly zero (batchnorm.py)
+    for name in names:  # conv biases included: their gradient is exactly zero (ops/batchnorm.py)
         np.testing.assert_allclose(results[f"four:{name}"], results[f"one:{name}"], rtol=1e-4, atol=2e-6,
                                    err_msg=name)
 
