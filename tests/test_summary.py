@@ -5,6 +5,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import assert_trees_equal, checkpoint_trees, smoke_config
 from resnet_flax import models, summary, train
@@ -37,6 +38,7 @@ def test_rows_of_a_small_member_are_its_variables():
     assert shapes["bn3a_branch1"] == (None, 8, 8, 16) and shapes["fc6"] == (None, 6)
 
 
+@pytest.mark.slow
 def test_a_profiled_run_writes_a_trace_and_trains_as_without(smoke_run, tmp_path, capsys):
     workdir = tmp_path / "profiled"
     profiled = train.train_and_evaluate(smoke_config(profile_steps=2), workdir)
