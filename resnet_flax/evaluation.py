@@ -70,7 +70,7 @@ class Evaluator:
     """
 
     def __init__(self, apply_fn, num_classes: int, programs: program_cache.ProgramCache | None = None):
-        self._evaluate = evaluate_batches(apply_fn, num_classes)
+        self._apply_fn, self._num_classes = apply_fn, num_classes
         self._programs = programs
         self._compiled: dict[str, jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
@@ -87,11 +87,11 @@ class Evaluator:
         if key not in self._compiled:
             start = time.perf_counter()
             args = runtime.abstract(dict(variables)), runtime.abstract(dict(batches))
-            options = runtime.evaluation_compiler_options()
             if self._programs is None:
-                program = jax.jit(self._evaluate, compiler_options=options).lower(*args).compile()
+                program = evaluation_program(self._apply_fn, self._num_classes).lower(*args).compile()
             else:
-                program = self._programs.compile("evaluate", self._evaluate, *args, compiler_options=options)
+                program = self._programs.compile("evaluate", evaluate_batches(self._apply_fn, self._num_classes),
+                                                 *args, compiler_options=runtime.evaluation_compiler_options())
             self._compiled[key] = program
             self.compile_seconds += time.perf_counter() - start
         return self._compiled[key]

@@ -113,11 +113,12 @@ def train_epoch(train_chunk, state: steps.TrainState, split: input_pipeline.Spli
     pending, begin = None, 0
     for call, length in enumerate(lengths):
         chunk_args = gather_chunk(split, indices, mask, begin, length, capacity, mesh)
-        if profile is not None and call == profile[0]:
+        traced = profile is not None and call == profile[0]
+        if traced:
             jax.block_until_ready(state)  # the trace holds this call's steps alone
             jax.profiler.start_trace(str(profile[1]), create_perfetto_trace=True)
         state, sums = train_chunk(state, *chunk_args)
-        if profile is not None and call == profile[0]:
+        if traced:
             jax.block_until_ready((state, sums))
             jax.profiler.stop_trace()
         if pending is not None:
