@@ -19,7 +19,7 @@ def resnet50_state_and_batch(conv_impl: str, batch_size: int = 32, **factories):
     config = config_lib.default_config()
     config.conv_impl = conv_impl
     layers = {**models.layer_factories(config.conv_impl, config.matmul_precision), **factories}
-    model = models.MODELS[config.model](num_classes=config.num_classes, **layers)
+    model = models.ResNet(num_classes=config.num_classes, **models.MODELS[config.model], **layers)
     state = steps.create_train_state(config, model, 34, runtime.make_mesh())
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.integers(0, 256, (batch_size, 64, 64, 3), dtype=np.uint8)),

@@ -272,7 +272,7 @@ def build_model(name: str, quick: bool):
     """The named model; ``--quick`` swaps in ``resnet_tiny`` and its plain twin (same code)."""
     if not quick:
         return models.create_model(name, num_classes=6)
-    return models.MODELS["resnet_tiny"](num_classes=6, residual=(name == "resnet50"), **models.layer_factories())
+    return models.create_model("resnet_tiny" if name == "resnet50" else "plain_tiny", num_classes=6)
 
 
 def run_model(name: str, dataset, config, args) -> dict:

@@ -4,7 +4,8 @@ against the model before anything is loaded.
 Layout: ``<workdir>/checkpoints/<epoch>/`` holds four items --
 ``variables`` (params and batch_stats), ``optimizer`` (optimizer state and step), ``config`` (the
 run's config as JSON, so a checkpoint is usable without the config file) and ``progress``
-(epoch, step). Weights-only restores read ``variables`` alone.
+(epoch, step) -- and, with ``config.ema_decay``, a fifth: ``ema``, the moving average of
+``variables``, in their layout. Weights-only restores read ``variables`` (or ``ema``) alone.
 
 Saves are synchronous and atomic (orbax writes a temporary directory and renames it when
 complete), so a killed run leaves only complete checkpoints. A checkpoint that fails to restore
@@ -23,7 +24,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from resnet_flax import runtime
+from resnet_flax.config import default_config
 from resnet_flax.errors import UserError
 
 T = TypeVar("T")
@@ -43,6 +44,7 @@ def _manager(root: Path, keep: int | None = None, read_only: bool = False) -> oc
         enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
     # Handlers named up front, so a fresh manager can read metadata before any save.
     handlers = {"variables": ocp.StandardCheckpointHandler(), "optimizer": ocp.StandardCheckpointHandler(),
+                "ema": ocp.StandardCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(), "progress": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(root, options=options, item_handlers=handlers)
 
@@ -84,20 +86,25 @@ class Checkpointer:
         self._manager = _manager(self.root, keep=keep)
 
     def save(self, epoch: int, variables: Mapping, optimizer: Mapping,
-             config: ml_collections.ConfigDict) -> None:
+             config: ml_collections.ConfigDict, ema: Mapping | None = None) -> None:
         step = int(jax.device_get(optimizer["step"]))
-        self._manager.save(epoch, args=ocp.args.Composite(
+        items = dict(
             variables=ocp.args.StandardSave(variables),
             optimizer=ocp.args.StandardSave(optimizer),
             config=ocp.args.JsonSave(config.to_dict()),
             progress=ocp.args.JsonSave({"epoch": epoch, "step": step}),
-        ))
+        )
+        if ema is not None:
+            items["ema"] = ocp.args.StandardSave(ema)
+        self._manager.save(epoch, args=ocp.args.Composite(**items))
         self._manager.wait_until_finished()
 
-    def restore_latest(self, variables: Mapping, optimizer: Mapping) -> tuple[dict, dict, int] | None:
-        """The newest checkpoint that restores, as (variables, optimizer, epoch); None if none.
+    def restore_latest(self, variables: Mapping, optimizer: Mapping, ema: Mapping | None = None
+                       ) -> tuple[dict, dict, dict | None, int] | None:
+        """The newest checkpoint that restores, as (variables, optimizer, ema, epoch); None if none.
 
-        ``variables`` and ``optimizer`` are abstract targets (shapes, dtypes, shardings). A
+        ``variables``, ``optimizer`` and ``ema`` (None: not wanted) are abstract targets (shapes,
+        dtypes, shardings); ``ema`` comes back None from a checkpoint written without one. A
         checkpoint that does not fit them is the user's mistake and stops the run; one that is
         damaged is moved aside and the previous one is tried.
         """
@@ -109,14 +116,19 @@ class Checkpointer:
                     raise FileNotFoundError("its metadata is missing")
                 check_matches(metadata["variables"], variables, where, "variable")
                 check_matches(metadata["optimizer"], optimizer, where, "optimizer entry")
-                restored = self._manager.restore(epoch, args=ocp.args.Composite(
-                    variables=ocp.args.StandardRestore(variables), optimizer=ocp.args.StandardRestore(optimizer)))
+                items = dict(variables=ocp.args.StandardRestore(variables),
+                             optimizer=ocp.args.StandardRestore(optimizer))
+                if ema is not None and metadata.get("ema") is not None:
+                    check_matches(metadata["ema"], ema, where, "moving-average variable")
+                    items["ema"] = ocp.args.StandardRestore(ema)
+                restored = self._manager.restore(epoch, args=ocp.args.Composite(**items))
             except UserError:
                 raise
             except Exception as e:  # damaged: orbax raises many types for missing/truncated files
                 self._set_aside(epoch, e)
                 continue
-            return dict(restored["variables"]), dict(restored["optimizer"]), epoch
+            restored_ema = dict(restored["ema"]) if "ema" in items else None
+            return dict(restored["variables"]), dict(restored["optimizer"]), restored_ema, epoch
         return None
 
     def _set_aside(self, epoch: int, error: Exception) -> None:
@@ -172,33 +184,48 @@ def newest_restorable(path: str | Path, restore: Callable[[int], T], epoch: int 
 
 
 def load_config(path: str | Path, epoch: int) -> ml_collections.ConfigDict:
-    """The config saved with the checkpoint of ``epoch``."""
+    """The config saved with the checkpoint of ``epoch``; a field added since it was saved gets
+    its default (which does what the code of that time did)."""
     manager = _manager(checkpoint_root(path), read_only=True)
     try:
         saved = manager.restore(epoch, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     finally:
         manager.close()
-    return ml_collections.ConfigDict(saved["config"])
+    config = default_config()
+    config.update(saved["config"])
+    return config
 
 
-def read_variables(path: str | Path, epoch: int, variables: Mapping, optimizer: Mapping | None = None
-                   ) -> tuple[dict, dict | None]:
+def variables_metadata(path: str | Path, epoch: int) -> dict:
+    """The shapes and dtypes of the checkpoint of ``epoch``'s variables (orbax metadata, nothing read)."""
+    manager = _manager(checkpoint_root(path), read_only=True)
+    try:
+        return dict(manager.item_metadata(epoch)["variables"])
+    finally:
+        manager.close()
+
+
+def read_variables(path: str | Path, epoch: int, variables: Mapping, optimizer: Mapping | None = None,
+                   item: str = "variables") -> tuple[dict, dict | None]:
     """Weights (and, given an abstract ``optimizer``, the optimizer state) of the checkpoint of
-    ``epoch``, checked against the abstract targets first."""
+    ``epoch``, checked against the abstract targets first; ``item='ema'`` reads the moving
+    average of the weights instead."""
     root = checkpoint_root(path)
     manager = _manager(root, read_only=True)
     try:
         where = str(root / str(epoch))
         metadata = manager.item_metadata(epoch)
-        check_matches(metadata["variables"], variables, where, "variable")
-        items = {"variables": ocp.args.StandardRestore(variables)}
+        if metadata.get(item) is None and item == "ema":
+            raise UserError(f"{where}: holds no moving average of the weights (config.ema_decay was 0)")
+        check_matches(metadata[item], variables, where, "variable")
+        items = {item: ocp.args.StandardRestore(variables)}
         if optimizer is not None:
             check_matches(metadata["optimizer"], optimizer, where, "optimizer entry")
             items["optimizer"] = ocp.args.StandardRestore(optimizer)
         restored = manager.restore(epoch, args=ocp.args.Composite(**items))
     finally:
         manager.close()
-    return dict(restored["variables"]), (dict(restored["optimizer"]) if optimizer is not None else None)
+    return dict(restored[item]), (dict(restored["optimizer"]) if optimizer is not None else None)
 
 
 def restore_variables(path: str | Path, variables: Mapping, epoch: int | None = None,
@@ -219,22 +246,4 @@ def split_state(state) -> tuple[dict, dict]:
 
 
 def save_state(checkpointer: Checkpointer, epoch: int, state, config: ml_collections.ConfigDict) -> None:
-    checkpointer.save(epoch, *split_state(state), config)
-
-
-def restore_run(state, config: ml_collections.ConfigDict, checkpointer: Checkpointer):
-    """Resumes from the workdir's newest good checkpoint, else starts from ``config.restore_from``
-    if set, else keeps the fresh ``state``. Returns the state and the last completed epoch."""
-    variables, optimizer = (runtime.abstract(tree) for tree in split_state(state))
-    restored = checkpointer.restore_latest(variables, optimizer)
-    if restored is not None:
-        variables, optimizer, epoch = restored
-        print(f"Resuming from {checkpointer.root / str(epoch)} (epoch {epoch})", flush=True)
-        return state.replace(**variables, **optimizer), epoch
-    if config.restore_from:
-        variables, optimizer, epoch = restore_variables(
-            config.restore_from, variables, optimizer=optimizer if config.restore_optimizer else None)
-        what = "weights and optimizer state" if config.restore_optimizer else "weights"
-        print(f"Starting from the {what} of {checkpoint_root(config.restore_from) / str(epoch)}", flush=True)
-        return state.replace(**variables, **(optimizer or {})), 0
-    return state, 0
+    checkpointer.save(epoch, *split_state(state), config, ema=getattr(state, "ema", None))

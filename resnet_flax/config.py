@@ -18,23 +18,48 @@ def default_config() -> ml_collections.ConfigDict:
     config.image_size = 64
     config.num_classes = 6
     config.augment = False  # random shifts (4 px) and horizontal flips, on the device
+    # Pixels to model inputs: 'unit' = pixels / 255 (the assignment's); 'imagenet' = then ImageNet's
+    # mean and standard deviation per channel (what torchvision's weights expect).
+    config.normalization = "unit"
+    # An image of another size to image_size, in predict: 'resize' = the whole image, stretched;
+    # 'imagenet' = shorter side to image_size / 0.875, then the centre crop (224 <- 256).
+    config.preprocessing = "resize"
 
-    # Model: one of resnet_flax.models.MODELS; conv 'auto' | 'xla' | 'gemm' | 'winograd'.
+    # Model: resnet18/34/50/101/152 (and small resnet26/14/_tiny), or plain<depth> for the twin
+    # without shortcuts, in a layout: 'assignment' (Keras's: conv biases, stride on the first 1x1,
+    # 2x2 average pool and flatten) | 'torchvision' (v1.5) | 'preact' (He et al. 2016); see
+    # resnet_flax/models.py. conv 'auto' | 'xla' | 'gemm' | 'winograd'.
     config.model = "resnet50"
+    config.variant = "assignment"
     config.conv_impl = "auto"
     # Conv and dense products: 'highest' = float32 on every backend (GPUs would otherwise use
     # TensorFloat-32); 'default' = the backend's fastest. The same on CPU.
     config.matmul_precision = "highest"
+    # Compute dtype: 'float32' | 'bfloat16' (convs and matmuls in bfloat16; parameters, BatchNorm
+    # statistics and the loss in float32).
+    config.dtype = "float32"
 
-    # Optimisation: Adam with Keras's defaults.
+    # Optimisation: 'adam' (with Keras's defaults) | 'adamw' | 'sgd' (momentum, Nesterov).
+    config.optimizer = "adam"
     config.learning_rate = 1e-3
     config.adam_b1 = 0.9
     config.adam_b2 = 0.999
     config.adam_eps = 1e-7
-    config.weight_decay = 0.0  # > 0 switches to AdamW
+    config.momentum = 0.9  # sgd
+    config.nesterov = True  # sgd
+    # adamw: decoupled decay; sgd: L2 added to the gradient (PyTorch's SGD weight_decay). On conv
+    # and dense kernels only, never on BatchNorm parameters or biases.
+    config.weight_decay = 0.0
+    config.grad_clip_norm = 0.0  # > 0: clip the gradient to this global norm first
     config.lr_schedule = "constant"  # 'constant' | 'cosine' (with linear warm-up)
     config.warmup_epochs = 0.0
     config.label_smoothing = 0.0
+    # > 0: also keep an exponential moving average of the weights (and BatchNorm statistics),
+    # checkpointed and evaluated beside them: ema = decay * ema + (1 - decay) * weights per step.
+    config.ema_decay = 0.0
+    # '' trains everything; 'backbone' trains the output layer alone (a linear probe), the rest
+    # frozen, its BatchNorm statistics included.
+    config.freeze = ""
 
     config.batch_size = 32
     config.eval_batch_size = 40
@@ -49,7 +74,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_epochs = 1
     config.keep_checkpoints = 3
     # Start a new run from another run's checkpoint (a workdir or its checkpoints/ folder):
-    # weights only, or weights and optimizer state (step included) with restore_optimizer.
+    # weights only, or weights and optimizer state (step included) with restore_optimizer. A
+    # checkpoint with another number of classes gives all but the output layer (transfer).
     config.restore_from = ""
     config.restore_optimizer = False
     # A workdir that holds checkpoints resumes only with the same config, less the fields that may
@@ -96,6 +122,22 @@ def validate(config: ml_collections.ConfigDict, num_train: int) -> None:
     if not 0 <= config.profile_steps <= config.steps_per_chunk:
         raise UserError(f"config.profile_steps must be in [0, config.steps_per_chunk={config.steps_per_chunk}], "
                         f"got {config.profile_steps}")
+    choices = {"optimizer": ("adam", "adamw", "sgd"), "normalization": ("unit", "imagenet"),
+               "preprocessing": ("resize", "imagenet"), "freeze": ("", "backbone")}
+    for field, allowed in choices.items():
+        if config[field] not in allowed:
+            raise UserError(f"config.{field} must be one of {allowed}, got {config[field]!r}")
+    if config.weight_decay < 0:
+        raise UserError(f"config.weight_decay must be >= 0, got {config.weight_decay}")
+    if config.weight_decay and config.optimizer == "adam":
+        raise UserError("config.weight_decay applies to optimizer 'adamw' (decoupled) or 'sgd' (L2); "
+                        "with 'adam' set config.optimizer='adamw'")
+    if not 0 <= config.ema_decay < 1:
+        raise UserError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
+    if config.grad_clip_norm < 0:
+        raise UserError(f"config.grad_clip_norm must be >= 0 (0 = off), got {config.grad_clip_norm}")
+    if not 0 <= config.momentum < 1:
+        raise UserError(f"config.momentum must be in [0, 1), got {config.momentum}")
     if config.keep_checkpoints < 1:
         raise UserError(f"config.keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
 

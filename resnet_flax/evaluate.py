@@ -29,7 +29,8 @@ def evaluate_checkpoint(workdir, epoch=None, data_dir=None, batch_size=40) -> di
     if data_dir is not None:
         config.data_dir = data_dir
     test = input_pipeline.load_dataset(config).test
-    evaluate = evaluation.Evaluator(trained.model.apply, config.num_classes)
+    evaluate = evaluation.Evaluator(trained.model.apply, config.num_classes,
+                                    normalization=config.get("normalization", "unit"))
     result = evaluate(trained.variables, evaluation.split_batches(test, batch_size, runtime.make_mesh()))
     return {"test_loss": result["loss"], "test_accuracy": result["accuracy"],
             "examples": result["count"], "epoch": trained.epoch, "data": test.source}

@@ -20,34 +20,35 @@ from resnet_flax import input_pipeline, program_cache, runtime, steps
 from resnet_flax.ops import conv
 
 
-def inference_kernels(apply_fn, variables: Mapping, images: jax.Array) -> dict:
+def inference_kernels(apply_fn, variables: Mapping, images: jax.Array, normalization: str = "unit") -> dict:
     """``{conv.INFERENCE_KERNELS: ...}``: every kernel in the form evaluation multiplies by, where
     that differs from the kernel (``conv.inference_kernel``), derived by applying the model to the
     first of ``images`` (the rest of that forward pass is dead code, which XLA drops); ``{}`` where
     no layer has one."""
-    _, derived = apply_fn(variables, input_pipeline.normalize(images[:1]), train=False,
+    _, derived = apply_fn(variables, input_pipeline.normalize(images[:1], normalization), train=False,
                           mutable=[conv.INFERENCE_KERNELS])
     return dict(derived)
 
 
-def evaluate_batches(apply_fn, num_classes: int):
+def evaluate_batches(apply_fn, num_classes: int, normalization: str = "unit"):
     """``(variables, batches) -> (sums, kernels)``: the sums over all of ``batches`` (arrays of
     shape (steps, batch, ...)), to be compiled as one program, and the ``inference_kernels`` it
     derived first."""
-    step = functools.partial(steps.eval_step, apply_fn, num_classes=num_classes)
+    step = functools.partial(steps.eval_step, apply_fn, num_classes=num_classes, normalization=normalization)
 
     def evaluate(variables, batches):
-        kernels = inference_kernels(apply_fn, variables, batches["image"][0])
+        kernels = inference_kernels(apply_fn, variables, batches["image"][0], normalization)
         sums = steps.scan_batches(lambda v, b: (v, step(v, b)), {**variables, **kernels}, batches)[1]
         return sums, kernels
 
     return evaluate
 
 
-def evaluation_program(apply_fn, num_classes: int):
+def evaluation_program(apply_fn, num_classes: int, normalization: str = "unit"):
     """``evaluate_batches`` jitted with ``runtime.evaluation_compiler_options()`` (so it must not be
     called inside another jit)."""
-    return jax.jit(evaluate_batches(apply_fn, num_classes), compiler_options=runtime.evaluation_compiler_options())
+    return jax.jit(evaluate_batches(apply_fn, num_classes, normalization),
+                   compiler_options=runtime.evaluation_compiler_options())
 
 
 def split_batches(split: input_pipeline.Split, batch_size: int, mesh, examples: np.ndarray | None = None,
@@ -69,8 +70,9 @@ class Evaluator:
     the time that took.
     """
 
-    def __init__(self, apply_fn, num_classes: int, programs: program_cache.ProgramCache | None = None):
-        self._apply_fn, self._num_classes = apply_fn, num_classes
+    def __init__(self, apply_fn, num_classes: int, programs: program_cache.ProgramCache | None = None,
+                 normalization: str = "unit"):
+        self._apply_fn, self._num_classes, self._normalization = apply_fn, num_classes, normalization
         self._programs = programs
         self._compiled: dict[str, jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
@@ -88,9 +90,11 @@ class Evaluator:
             start = time.perf_counter()
             args = runtime.abstract(dict(variables)), runtime.abstract(dict(batches))
             if self._programs is None:
-                program = evaluation_program(self._apply_fn, self._num_classes).lower(*args).compile()
+                program = evaluation_program(self._apply_fn, self._num_classes,
+                                             self._normalization).lower(*args).compile()
             else:
-                program = self._programs.compile("evaluate", evaluate_batches(self._apply_fn, self._num_classes),
+                program = self._programs.compile("evaluate", evaluate_batches(self._apply_fn, self._num_classes,
+                                                                              self._normalization),
                                                  *args, compiler_options=runtime.evaluation_compiler_options())
             self._compiled[key] = program
             self.compile_seconds += time.perf_counter() - start

@@ -24,27 +24,36 @@ FLAGS = flags.FLAGS
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 
 
+# What the exported model expects, in words, by config.preprocessing and config.normalization.
+PREPROCESSING = {"resize": "the whole image resized",
+                 "imagenet": "shorter side resized to image_size / 0.875, then the centre crop"}
+NORMALIZATION = {"unit": "the model divides them by 255",
+                 "imagenet": "the model divides them by 255 and normalises with ImageNet's mean and std"}
+
+
 def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "A trained run's workdir (or its checkpoints/ folder).", required=True)
     flags.DEFINE_integer("epoch", None, "Which checkpoint; default the newest that restores.")
 
 
-def probabilities_fn(model: models.ResNet, variables):
+def probabilities_fn(model, variables, normalization: str = "unit"):
     """``images`` (float32 pixels in [0, 255], NHWC) -> class probabilities, in inference mode."""
     def probabilities(images):
-        return jax.nn.softmax(model.apply(variables, input_pipeline.normalize(images), train=False))
+        return jax.nn.softmax(model.apply(variables, input_pipeline.normalize(images, normalization), train=False))
     return probabilities
 
 
-def to_onnx(model: models.ResNet, variables, image_size: int, metadata: dict[str, str]):
+def to_onnx(model, variables, config, metadata: dict[str, str]):
     """The ONNX ``ModelProto`` of ``model`` with ``variables``, its batch dimension dynamic."""
     try:
         import jax2onnx
     except ImportError:
         raise UserError("ONNX export needs the export extra: pip install -e '.[export]'") from None
     # XLA's convolutions: plain lax ops that jax2onnx translates (the CPU kernels are JAX-side speed).
-    portable = model.clone(**models.layer_factories("xla", "highest"))
-    proto = jax2onnx.to_onnx(probabilities_fn(portable, variables), [("B", image_size, image_size, 3)],
+    portable = model.clone(**models.layer_factories("xla", "highest", config.variant))
+    image_size = config.image_size
+    proto = jax2onnx.to_onnx(probabilities_fn(portable, variables, config.normalization),
+                             [("B", image_size, image_size, 3)],
                              model_name="resnet_flax", input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
@@ -52,13 +61,13 @@ def to_onnx(model: models.ResNet, variables, image_size: int, metadata: dict[str
     return proto
 
 
-def max_difference(proto, model: models.ResNet, variables, images: np.ndarray) -> float:
+def max_difference(proto, model, variables, images: np.ndarray, normalization: str = "unit") -> float:
     """Largest |p_onnx - p_flax| over ``images`` (float32 pixels), onnxruntime against flax."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     (onnx_probabilities,) = session.run([OUTPUT_NAME], {INPUT_NAME: images.astype(np.float32)})
-    flax_probabilities = jax.jit(probabilities_fn(model, variables))(jnp.asarray(images))
+    flax_probabilities = jax.jit(probabilities_fn(model, variables, normalization))(jnp.asarray(images))
     return float(np.abs(onnx_probabilities - np.asarray(flax_probabilities)).max())
 
 
@@ -68,16 +77,16 @@ def export_checkpoint(workdir: str | Path, path: str | Path, epoch: int | None =
     config = trained.config
     source = str(checkpoints.checkpoint_root(workdir) / str(trained.epoch))
     metadata = {
-        "preprocessing": (f"RGB, resized to {config.image_size}x{config.image_size}, float32 pixels in [0, 255] "
-                          f"(NHWC); the model divides them by 255"),
+        "preprocessing": (f"RGB, {config.image_size}x{config.image_size} ({PREPROCESSING[config.preprocessing]}), "
+                          f"float32 pixels in [0, 255] (NHWC); {NORMALIZATION[config.normalization]}"),
         "classes": json.dumps(list(range(config.num_classes))),
         "source": source,
         "model": config.model,
     }
     variables = jax.device_get(trained.variables)
-    proto = to_onnx(trained.model, variables, config.image_size, metadata)
+    proto = to_onnx(trained.model, variables, config, metadata)
     images = np.random.default_rng(0).uniform(0, 255, (4, config.image_size, config.image_size, 3))
-    difference = max_difference(proto, trained.model, variables, images)
+    difference = max_difference(proto, trained.model, variables, images, config.normalization)
     if not difference < 1e-4:
         raise RuntimeError(f"the exported model differs from flax by {difference:.2e}")  # a bug, not the user's
     path = Path(path)

@@ -2,10 +2,17 @@
 ``BatchNorm``, computed by the kernels in ``resnet_flax.ops``.
 
 They keep Keras's parameter and ``batch_stats`` names and shapes, so Keras weights and
-checkpoints load whichever kernels compute them.
+checkpoints load whichever kernels compute them. The same layers with PyTorch's conventions (no
+conv bias, symmetric padding, BatchNorm epsilon 1e-5, momentum 0.9 in flax's sense) build the
+torchvision and pre-activation layouts (``resnet_flax.imagenet_layouts``).
+
+``dtype`` is the compute dtype: parameters and BatchNorm statistics stay float32; with bfloat16,
+convolutions take bfloat16 inputs and kernels, and BatchNorm computes its statistics in float32
+and hands bfloat16 on (mixed precision, as flax's ImageNet example trains on TPU).
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -20,7 +27,8 @@ BN_EPSILON = 1e-3
 
 
 class Conv2D(nn.Module):
-    """Keras ``Conv2D``: bias on, Glorot-uniform kernel, zero bias, 'VALID' or TF 'SAME' padding.
+    """Keras ``Conv2D``: bias on, Glorot-uniform kernel, zero bias, 'VALID' or TF 'SAME' padding
+    (or explicit (before, after) pairs); ``use_bias=False`` for PyTorch-style layouts.
 
     ``impl`` and ``precision`` choose how ``convolve`` (``ops.conv.conv2d``, or a variant with its
     signature, for experiments) computes it; ``models.create_model`` sets them for the whole model.
@@ -29,26 +37,33 @@ class Conv2D(nn.Module):
     features: int
     kernel_size: tuple[int, int]
     strides: tuple[int, int] = (1, 1)
-    padding: str = "VALID"
+    padding: str | conv.Padding = "VALID"
+    use_bias: bool = True
     impl: str = "auto"
     precision: str | None = "highest"
+    dtype: Any = None  # compute dtype; None = float32
     kernel_init: nn.initializers.Initializer = nn.initializers.glorot_uniform()
     bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
     convolve: Callable[..., jax.Array] = conv.conv2d
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, defer_bias: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
-        """The convolution plus bias; with ``defer_bias``, the pair (convolution, bias) instead, for
-        a following ``BatchNorm`` to take the bias in (``input_bias``) without a pass of its own."""
+    def __call__(self, x: jax.Array, *, defer_bias: bool = False):
+        """The convolution plus bias; with ``defer_bias``, the pair (convolution, bias or None)
+        instead, for a following ``BatchNorm`` to take the bias in (``input_bias``) without a pass
+        of its own."""
         kernel_shape = (*self.kernel_size, x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init, kernel_shape, jnp.float32)
-        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
+        if self.dtype is not None:
+            x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         derived = self._inference_kernel(kernel, x)
         if derived is None:
             y = self.convolve(x, kernel, self.strides, self.padding, self.impl, self.precision)
         else:
             y = conv.conv2d_inference(x, derived, self.precision)
-        return (y, bias) if defer_bias else y + bias
+        if defer_bias or bias is None:
+            return (y, bias) if defer_bias else y
+        return y + bias.astype(y.dtype)
 
     def _inference_kernel(self, kernel: jax.Array, x: jax.Array):
         """The ``ops.conv.inference_kernel`` where evaluation supplies ``INFERENCE_KERNELS`` (or
@@ -77,11 +92,16 @@ class BatchNorm(nn.Module):
     use_running_average: bool
     momentum: float = BN_MOMENTUM
     epsilon: float = BN_EPSILON
+    dtype: Any = None  # the output's dtype; None = float32. Statistics are always float32.
     normalize: Callable = batchnorm.normalize_batch
 
     @nn.compact
     def __call__(self, x: jax.Array, input_bias: jax.Array | None = None, *, mask: jax.Array | None = None,
                  relu: bool = False) -> jax.Array:
+        out = self._normalized(x.astype(jnp.float32), input_bias, mask, relu)
+        return out if self.dtype is None else out.astype(self.dtype)
+
+    def _normalized(self, x, input_bias, mask, relu):
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)

@@ -28,6 +28,7 @@ def keras_line(record: Mapping[str, float], num_epochs: int, steps: int) -> str:
         f"({record['images_per_second']:.0f} img/s) - loss: {record['train_loss']:.4f} - "
         f"accuracy: {record['train_accuracy']:.4f} - test_loss: {record['test_loss']:.4f} - "
         f"test_accuracy: {record['test_accuracy']:.4f}"
+        + (f" - ema_test_accuracy: {record['ema_test_accuracy']:.4f}" if "ema_test_accuracy" in record else "")
     )
 
 

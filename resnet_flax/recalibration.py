@@ -14,7 +14,8 @@ from jax import lax
 from resnet_flax import input_pipeline, layers
 
 
-def batch_statistics(apply_fn, variables, batch, momentum: float = layers.BN_MOMENTUM):
+def batch_statistics(apply_fn, variables, batch, momentum: float = layers.BN_MOMENTUM,
+                     normalization: str = "unit"):
     """Every BatchNorm layer's mean and variance on one (masked) batch, in training-mode forward.
 
     Flax's update is ``new = momentum * old + (1 - momentum) * batch``; run from zeros it gives
@@ -22,18 +23,18 @@ def batch_statistics(apply_fn, variables, batch, momentum: float = layers.BN_MOM
     """
     zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
     _, updates = apply_fn({"params": variables["params"], "batch_stats": zeros},
-                          input_pipeline.normalize(batch["image"]), train=True, mask=batch["mask"],
+                          input_pipeline.normalize(batch["image"], normalization), train=True, mask=batch["mask"],
                           mutable=["batch_stats"])
     return jax.tree.map(lambda s: s / (1.0 - momentum), updates["batch_stats"])
 
 
-def make_recalibrate(apply_fn):
+def make_recalibrate(apply_fn, momentum: float = layers.BN_MOMENTUM, normalization: str = "unit"):
     """``(variables, batches) -> variables`` whose batch_stats are the averages over ``batches``
     (arrays of shape (steps, batch, ...)) of each batch's statistics."""
 
     def recalibrate(variables, batches):
         def add(total, batch):
-            stats = batch_statistics(apply_fn, variables, batch)
+            stats = batch_statistics(apply_fn, variables, batch, momentum, normalization)
             return jax.tree.map(jnp.add, total, stats), None
 
         zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])

@@ -24,40 +24,71 @@ from resnet_flax import input_pipeline, program_cache, runtime
 
 
 class TrainState(train_state.TrainState):
-    """Step, params, optimizer state, and BatchNorm's running statistics."""
+    """Step, params, optimizer state, BatchNorm's running statistics, and (with
+    ``config.ema_decay``) their exponential moving average ``ema`` (``params``, ``batch_stats``)."""
 
     batch_stats: Any
+    ema: Any = None
 
 
 # ---------------------------------------------------------------------------------------------
 # Set-up
 
 
-def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Adam with Keras's defaults (lr 1e-3, b1 0.9, b2 0.999, eps 1e-7) unless the config says otherwise."""
-    learning_rate = config.learning_rate
-    if config.lr_schedule == "cosine":
-        total = max(config.num_epochs * steps_per_epoch, 1)
-        warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
-        learning_rate = optax.warmup_cosine_decay_schedule(
-            0.0, config.learning_rate, max(warmup, 1), total, end_value=0.0)
+def decays(params) -> Any:
+    """True for the leaves weight decay applies to: conv and dense kernels, not BatchNorm's scale
+    and shift nor any bias."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
+
+
+def _learning_rate(config, steps_per_epoch: int):
+    if config.lr_schedule != "cosine":
+        return config.learning_rate
+    total = max(config.num_epochs * steps_per_epoch, 1)
+    warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, max(warmup, 1), total, end_value=0.0)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                   head_name: str | None = None) -> optax.GradientTransformation:
+    """``config.optimizer`` at the (scheduled) learning rate: Adam with Keras's defaults (lr 1e-3,
+    b1 0.9, b2 0.999, eps 1e-7) unless the config says otherwise, AdamW, or SGD with (Nesterov)
+    momentum; weight decay on kernels only (``decays``); the gradient first clipped to
+    ``config.grad_clip_norm``; with ``config.freeze='backbone'``, every parameter outside the
+    output layer ``head_name`` left as it is (no update, no optimizer state)."""
+    learning_rate = _learning_rate(config, steps_per_epoch)
+    name = config.get("optimizer", "adam")
     adam = dict(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
-    if config.weight_decay:
-        return optax.adamw(learning_rate, weight_decay=config.weight_decay, **adam)
-    return optax.adam(learning_rate, **adam)
+    if name == "adamw":
+        tx = optax.adamw(learning_rate, weight_decay=config.weight_decay, mask=decays, **adam)
+    elif name == "sgd":
+        tx = optax.sgd(learning_rate, momentum=config.momentum or None, nesterov=config.nesterov)
+        if config.weight_decay:  # PyTorch's SGD: L2 added to the gradient, before the momentum
+            tx = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decays), tx)
+    else:
+        tx = optax.adam(learning_rate, **adam)
+    if config.get("grad_clip_norm", 0.0):
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    if config.get("freeze", ""):
+        if head_name is None:
+            raise ValueError("config.freeze needs the model's head_name")
+        labels = lambda params: {name: "train" if name == head_name else "frozen" for name in params}
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx
 
 
 def _initializer(config, model, steps_per_epoch: int, mesh, programs):
     """The exported ``model.init`` (variables, replicated) and ``variables -> TrainState``."""
-    tx = make_optimizer(config, steps_per_epoch)
+    tx = make_optimizer(config, steps_per_epoch, model.head_name)
 
     def init_variables():
         dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
         return model.init(jax.random.key(config.seed), dummy, train=False)
 
     def create(variables) -> TrainState:
-        return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                                 batch_stats=variables["batch_stats"], tx=tx)
+        variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+        ema = jax.tree.map(jnp.copy, variables) if config.get("ema_decay", 0.0) else None
+        return TrainState.create(apply_fn=model.apply, tx=tx, ema=ema, **variables)
 
     return programs.exported("init_variables", init_variables, out_shardings=runtime.replicated(mesh)), create
 
@@ -110,29 +141,46 @@ def example_sums(per_example_loss, logits, labels, mask) -> dict[str, jax.Array]
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
-               num_classes: int, label_smoothing: float = 0.0, augment: bool = False):
-    """One Adam step on a batch of uint8 images; returns the new state and the batch's sums."""
-    images = input_pipeline.normalize(batch["image"])
+               num_classes: int, label_smoothing: float = 0.0, augment: bool = False,
+               normalization: str = "unit", frozen_backbone: bool = False, ema_decay: float = 0.0):
+    """One optimizer step on a batch of uint8 images; returns the new state and the batch's sums.
+
+    ``frozen_backbone`` runs the model in inference mode (BatchNorm with its running statistics,
+    which stay as they are; the optimizer updates the output layer alone); ``ema_decay`` > 0
+    moves ``state.ema`` towards the new weights."""
+    images = input_pipeline.normalize(batch["image"], normalization)
     if augment:
         images = input_pipeline.augment(images, jax.random.fold_in(rng, state.step))
     labels, mask = batch["label"], batch["mask"]
 
     def loss_fn(params):
-        logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats},
-            images, train=True, mask=mask, mutable=["batch_stats"])
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        if frozen_backbone:
+            logits, batch_stats = state.apply_fn(variables, images, train=False), state.batch_stats
+        else:
+            logits, updates = state.apply_fn(variables, images, train=True, mask=mask, mutable=["batch_stats"])
+            batch_stats = updates["batch_stats"]
         per_example = cross_entropy(logits, labels, num_classes, label_smoothing)
         loss = jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1)
-        return loss, (per_example, logits, updates["batch_stats"])
+        return loss, (per_example, logits, batch_stats)
 
     grads, (per_example, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if ema_decay:
+        state = state.replace(ema=moving_average(state.ema, {"params": state.params, "batch_stats": batch_stats},
+                                                 ema_decay))
     return state, example_sums(per_example, logits, labels, mask)
 
 
-def eval_step(apply_fn, variables: Mapping, batch: Mapping[str, jax.Array], *, num_classes: int):
+def moving_average(average, value, decay: float):
+    """``decay * average + (1 - decay) * value``, leaf by leaf."""
+    return jax.tree.map(lambda a, v: decay * a + (1.0 - decay) * v, average, value)
+
+
+def eval_step(apply_fn, variables: Mapping, batch: Mapping[str, jax.Array], *, num_classes: int,
+              normalization: str = "unit"):
     """Inference-mode sums on a batch (running BatchNorm statistics, nothing updated)."""
-    logits = apply_fn(variables, input_pipeline.normalize(batch["image"]), train=False)
+    logits = apply_fn(variables, input_pipeline.normalize(batch["image"], normalization), train=False)
     per_example = cross_entropy(logits, batch["label"], num_classes)
     return example_sums(per_example, logits, batch["label"], batch["mask"])
 
@@ -164,7 +212,10 @@ def make_train_chunk(config):
     Augmentation draws from ``config.seed`` folded with the step, so a resumed run repeats it
     exactly."""
     step = functools.partial(train_step, num_classes=config.num_classes,
-                             label_smoothing=config.label_smoothing, augment=config.augment)
+                             label_smoothing=config.label_smoothing, augment=config.augment,
+                             normalization=config.get("normalization", "unit"),
+                             frozen_backbone=config.get("freeze", "") == "backbone",
+                             ema_decay=config.get("ema_decay", 0.0))
 
     def train_chunk(state, batches, num_steps):
         rng = jax.random.key(config.seed)

@@ -25,10 +25,9 @@ import numpy as np
 
 from resnet_flax import config as config_lib
 from resnet_flax import (checkpoints, evaluation, input_pipeline, metrics, models, program_cache, recalibration,
-                         runtime, steps)
+                         runtime, steps, warm_start)
 from resnet_flax import workdir as workdir_lib
 from resnet_flax.errors import UserError
-from resnet_flax.ops import conv
 from resnet_flax.summary import totals_line
 
 
@@ -136,7 +135,8 @@ def recalibrate_batch_stats(model, variables, split: input_pipeline.Split, confi
         input_pipeline.epoch_order(config.seed, 0, len(split)), config.batch_size)
     count = min(config.bn_recalibration_batches, len(indices))
     batches = runtime.gather_batches(split.images, split.labels, indices[:count], mask[:count], mesh)
-    return recalibration.make_recalibrate(model.apply)(variables, batches)
+    return recalibration.make_recalibrate(model.apply, models.batchnorm_momentum(config),
+                                          config.normalization)(variables, batches)
 
 
 def _timed(fn, *args, **kwargs):
@@ -159,6 +159,11 @@ def start_training(config, model, steps_per_epoch: int, chunk: int, mesh, progra
         state = steps.create_train_state(config, model, steps_per_epoch, mesh, programs)
         train_chunk, compile_seconds = compiling.result()
     return state, train_chunk, compile_seconds
+
+
+def describe_model(config) -> str:
+    """``resnet50 (assignment layout, winograd conv, float32)``."""
+    return f"{config.model} ({config.variant} layout, {models.resolved_conv_impl(config)} conv, {config.dtype})"
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, mesh=None) -> dict[str, Any]:
@@ -192,22 +197,25 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh) 
     state, train_chunk, compile_seconds = start_training(config, model, steps_per_epoch, capacity, mesh,
                                                          programs)
     checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
-    state, last_epoch = checkpoints.restore_run(state, config, checkpointer)
+    state, last_epoch = warm_start.restore_run(state, config, checkpointer, model.head_name)
     test_batches = evaluation.split_batches(dataset.test, config.eval_batch_size, mesh)
 
     if is_main_process:
         workdir_lib.record_start(workdir, config.to_dict(), last_epoch, changes)
         print(f"number of training examples = {num_train}\nnumber of test examples = {len(dataset.test)}\n"
               f"data: {dataset.train.source}, {dataset.test.source}\n"
-              f"model: {config.model} ({conv.resolve_impl(config.conv_impl)} conv), {mesh.size} "
+              f"model: {describe_model(config)}, {mesh.size} "
               f"{jax.default_backend()} device(s), {steps_per_epoch} steps of {config.batch_size} per epoch\n"
               f"{totals_line(checkpoints.split_state(state)[0])}")
 
     # Compiled once, for the shapes of the test set, when first needed (after the first epoch).
-    evaluate = evaluation.Evaluator(model.apply, config.num_classes, programs)
+    evaluate = evaluation.Evaluator(model.apply, config.num_classes, programs, config.normalization)
 
     def test_metrics():
         return evaluate(checkpoints.split_state(state)[0], test_batches)
+
+    def ema_test_metrics() -> dict:  # the moving average of the weights, where the run keeps one
+        return evaluate(state.ema, test_batches) if state.ema is not None else {}
 
     writer = metrics.MetricsWriter(workdir, enabled=is_main_process)
     records = writer.keep_epochs_before(last_epoch + 1)
@@ -236,6 +244,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh) 
         record = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                   "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                   "seconds": seconds, "images_per_second": num_train / seconds}
+        ema_test = ema_test_metrics()
+        if ema_test:
+            record.update(ema_test_loss=ema_test["loss"], ema_test_accuracy=ema_test["accuracy"])
         records.append(record)
         writer.write_epoch(record, step=int(state.step))
         if is_main_process:
@@ -270,8 +281,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh) 
         "device_count": mesh.size,
         "process_count": jax.process_count(),
         "model": config.model,
-        "conv_impl": conv.resolve_impl(config.conv_impl),
+        "variant": config.variant,
+        "dtype": config.dtype,
+        "conv_impl": models.resolved_conv_impl(config),
     }
+    ema_test = ema_test_metrics()
+    if ema_test:
+        summary.update(ema_test_loss=ema_test["loss"], ema_test_accuracy=ema_test["accuracy"])
     if config.bn_recalibration_batches:
         summary.update(bn_recalibration_batches=config.bn_recalibration_batches,
                        recalibrated_test_loss=recalibrated["loss"],
@@ -281,6 +297,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh) 
         if records:
             metrics.plot_curves(records, workdir / "curves.png", title=f"{config.model} on SIGNS")
         print(f"Test Loss = {test['loss']:.4f}\nTest Accuracy = {test['accuracy']:.4f}", flush=True)
+        if ema_test:
+            print(f"With the moving average of the weights (decay {config.ema_decay}): Test Loss = "
+                  f"{ema_test['loss']:.4f}, Test Accuracy = {ema_test['accuracy']:.4f}", flush=True)
         if config.bn_recalibration_batches:
             print(f"With BatchNorm statistics re-estimated over {config.bn_recalibration_batches} training "
                   f"batches: Test Loss = {recalibrated['loss']:.4f}, Test Accuracy = "

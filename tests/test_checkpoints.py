@@ -120,7 +120,7 @@ def test_resuming_with_a_different_model_names_the_first_differing_path(smoke_co
         train.train_and_evaluate(smoke_config(num_classes=10), smoke_copy)
     with pytest.raises(UserError, match=r"variable params/fc10/bias is missing from the checkpoint"):
         train.train_and_evaluate(smoke_config(num_classes=10, allow_config_change=True), smoke_copy)
-    wider_stem = models.MODELS["resnet_tiny"](num_classes=6, stem_features=16)
+    wider_stem = models.ResNet(num_classes=6, **{**models.MODELS["resnet_tiny"], "stem_features": 16})
     with pytest.raises(UserError, match=r"checkpoints/2: variable batch_stats/bn_conv1/mean has shape \(8,\) "
                                         r"in the checkpoint but \(16,\) in the model being built"):
         checkpoints.restore_variables(smoke_copy, pretrained.abstract_variables(wider_stem, 64))

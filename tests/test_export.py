@@ -12,6 +12,7 @@ import onnxruntime
 import pytest
 
 from conftest import REPO
+from resnet_flax import config as config_lib
 from resnet_flax import export, input_pipeline, models, pretrained
 
 
@@ -50,7 +51,7 @@ def test_resnet50_exports_with_flax_probabilities(signs_images):
     rng = np.random.default_rng(0)
     variables = {**variables, "batch_stats": jax.tree.map(
         lambda a: a + rng.uniform(0.1, 0.5, a.shape).astype(np.float32), variables["batch_stats"])}
-    proto = export.to_onnx(model, variables, 64, {"model": "resnet50"})
+    proto = export.to_onnx(model, variables, config_lib.default_config(), {"model": "resnet50"})
     images = signs_images[:6]
     expected = jax.jit(export.probabilities_fn(model, variables))(jnp.asarray(images, jnp.float32))
     np.testing.assert_allclose(onnx_probabilities(proto.SerializeToString(), images), expected, atol=1e-5)

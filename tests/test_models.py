@@ -184,7 +184,7 @@ def test_model_from_config_fills_fields_an_older_config_lacks():
     assert (conv_options["impl"], conv_options["precision"], model.num_classes) == (
         conv.resolve_impl("auto"), "highest", 6)
     assert models.model_from_config({**old, "matmul_precision": "default"}, num_classes=3).dense.keywords == {
-        "precision": "default"}
+        "precision": "default", "dtype": None}
     with pytest.raises(UserError, match="config.matmul_precision.*'fp32'"):
         models.model_from_config({**old, "matmul_precision": "fp32"})
 

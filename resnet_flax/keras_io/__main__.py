@@ -14,8 +14,7 @@ from pathlib import Path
 import jax
 from absl import flags
 
-from resnet_flax import checkpoints, cli, models, pretrained, steps
-from resnet_flax import workdir as workdir_lib
+from resnet_flax import checkpoints, cli, pretrained
 from resnet_flax.config import default_config
 from resnet_flax.errors import UserError
 from resnet_flax.keras_io.weights import load_keras_weights, save_keras_weights
@@ -32,17 +31,9 @@ def define_flags() -> None:
 def import_weights(keras_file: str | Path, workdir: str | Path) -> int:
     """Writes a checkpoint of ``keras_file``'s weights into ``workdir``; returns num_classes."""
     variables, num_classes = load_keras_weights(keras_file)
-    workdir = workdir_lib.prepare(workdir)
-    if checkpoints.checkpoint_root(workdir).is_dir():
-        raise UserError(f"{workdir}: already holds checkpoints; import into a new workdir")
     config = default_config()
     config.num_classes = num_classes
-    model = models.model_from_config(config)
-    state = steps.create_train_state(config, model, steps_per_epoch=1)
-    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
-    checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
-    checkpoints.save_state(checkpointer, 0, state, config)
-    checkpointer.close()
+    pretrained.save_imported(workdir, variables, config)
     return num_classes
 
 

@@ -22,7 +22,8 @@ pixels it sees (``conv_taps``) instead of im2col's product, 5/9 of which multipl
 ``conv2d`` (per-tap products made its step slower).
 
 Padding follows TensorFlow: 'SAME' pads ``total // 2`` before and the rest after, also for even
-windows such as 2x2.
+windows such as 2x2. Explicit (before, after) pairs give PyTorch's symmetric padding, which for a
+3x3 stride-1 convolution is 'SAME' and takes the same fast paths.
 
 ``precision`` is JAX's matmul/conv precision ('default' | 'high' | 'highest'). The layers use
 'highest', true float32 products on every backend; 'default' lets the backend pick a faster one
@@ -61,9 +62,15 @@ def _same_padding(size: int, window: int, stride: int) -> tuple[int, int]:
 
 
 def explicit_padding(
-    spatial: Sequence[int], window: Sequence[int], strides: Sequence[int], padding: str
+    spatial: Sequence[int], window: Sequence[int], strides: Sequence[int], padding: str | Padding
 ) -> Padding:
-    """TensorFlow's padding rule as (before, after) pairs for height and width."""
+    """TensorFlow's padding rule as (before, after) pairs for height and width; explicit pairs (as
+    PyTorch's ``padding=1`` is ``((1, 1), (1, 1))``) pass through."""
+    if not isinstance(padding, str):
+        pairs = tuple(tuple(int(p) for p in pair) for pair in padding)
+        if len(pairs) != 2 or any(len(pair) != 2 or min(pair) < 0 for pair in pairs):
+            raise ValueError(f"explicit padding must be two (before, after) pairs, got {padding!r}")
+        return pairs
     if padding == "VALID":
         return ((0, 0), (0, 0))
     if padding == "SAME":
@@ -221,11 +228,11 @@ def conv2d(
     x: jax.Array,
     kernel: jax.Array,
     strides: Sequence[int] = (1, 1),
-    padding: str = "VALID",
+    padding: str | Padding = "VALID",
     impl: str = "auto",
     precision: str | None = "highest",
 ) -> jax.Array:
-    """NHWC input, HWIO kernel, TensorFlow padding, no bias."""
+    """NHWC input, HWIO kernel, TensorFlow padding (or explicit pairs), no bias."""
     pads = explicit_padding(x.shape[1:3], kernel.shape[:2], strides, padding)
     impl = resolve_impl(impl)
     if impl == "xla":
