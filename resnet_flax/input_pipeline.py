@@ -1,7 +1,9 @@
 """SIGNS: load the course's h5 files or a folder of JPEGs, check them, and order them into batches.
 
-Images stay uint8 in memory and on the device; :func:`normalize` (pixels / 255) is applied inside
-the compiled step, and by ``predict`` to its images, so training and prediction preprocess alike.
+Images stay uint8 in memory and on the device; :func:`normalize` (pixels / 255, or then ImageNet's
+mean and std) is applied inside the compiled step, and by ``predict`` to its images, so training
+and prediction preprocess alike. :func:`resize_image` brings an image of another size to the
+model's (``predict``, ``evaluate`` of a model trained at another size).
 
 Where the data is looked for, in order: ``config.data_dir``, the ``SIGNS_DATA_DIR`` environment
 variable, ``./datasets``, then ``shared/data/signs`` next to the repository (``../shared/data/signs``
@@ -92,13 +94,14 @@ def find_data_dir(data_dir: str | None = None, data_format: str = "auto") -> Pat
     )
 
 
-def _check_split(images, labels, source: str, num_classes: int, image_size: int) -> Split:
-    expected = (image_size, image_size, 3)
+def _check_split(images, labels, source: str, num_classes: int, image_size: int | None) -> Split:
+    """``image_size`` None accepts images of any one size."""
     if images.dtype != np.uint8:
         raise UserError(f"{source}: images must be uint8 pixels, got dtype {images.dtype}")
+    expected = (image_size, image_size, 3) if image_size is not None else (*images.shape[1:3], 3)
     if images.ndim != 4 or images.shape[1:] != expected:
-        raise UserError(f"{source}: images must have shape (N, {', '.join(map(str, expected))}), "
-                        f"got {images.shape}")
+        size = "H, W, 3" if image_size is None else ", ".join(map(str, expected))
+        raise UserError(f"{source}: images must have shape (N, {size}), got {images.shape}")
     if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (len(images),):
         raise UserError(f"{source}: labels must be {len(images)} integers, one per image, "
                         f"got dtype {labels.dtype} and shape {labels.shape}")
@@ -111,7 +114,7 @@ def _check_split(images, labels, source: str, num_classes: int, image_size: int)
     return Split(images, labels.astype(np.int32), source)
 
 
-def load_h5_split(path: Path, split: str, num_classes: int, image_size: int = 64) -> Split:
+def load_h5_split(path: Path, split: str, num_classes: int, image_size: int | None = 64) -> Split:
     """``{split}_set_x`` / ``{split}_set_y`` from one of the course's h5 files."""
     if not path.is_file():
         raise UserError(f"{path}: file not found")
@@ -146,8 +149,9 @@ def read_image(path: Path, transform=None) -> np.ndarray:
         raise UserError(f"{path}: not a readable image ({e})") from None
 
 
-def load_jpg_split(folder: Path, num_classes: int, image_size: int = 64) -> Split:
-    """A folder of ``{label}_IMG_{id}.jpg`` files, in file-name order."""
+def load_jpg_split(folder: Path, num_classes: int, image_size: int | None = 64) -> Split:
+    """A folder of ``{label}_IMG_{id}.jpg`` files, in file-name order (``image_size`` None: all of
+    the first one's size)."""
     if not folder.is_dir():
         raise UserError(f"{folder}: folder not found")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -157,9 +161,10 @@ def load_jpg_split(folder: Path, num_classes: int, image_size: int = 64) -> Spli
         if not match:
             raise UserError(f"{path}: file name has no label; expected '{{label}}_IMG_{{id}}.jpg'")
         image = read_image(path)
-        if image.shape != (image_size, image_size, 3):
+        expected = (image_size, image_size, 3) if image_size is not None else (images or [image])[0].shape
+        if image.shape != expected:
             raise UserError(f"{path}: image is {image.shape[1]}x{image.shape[0]}, "
-                            f"expected {image_size}x{image_size}")
+                            f"expected {expected[1]}x{expected[0]}")
         images.append(image)
         labels.append(int(match.group(1)))
     if not images:
@@ -167,8 +172,36 @@ def load_jpg_split(folder: Path, num_classes: int, image_size: int = 64) -> Spli
     return _check_split(np.stack(images), np.asarray(labels), str(folder), num_classes, image_size)
 
 
-def load_dataset(config) -> Dataset:
-    """Reads SIGNS as ``config`` says (data_dir, data_format, num_classes, image_size)."""
+CROP_FRACTION = 0.875  # ImageNet evaluation: the centre 224 of 256
+PREPROCESSINGS = ("resize", "imagenet")
+
+
+def resize_image(image: np.ndarray, size: int, preprocessing: str = "resize") -> np.ndarray:
+    """uint8 RGB (H, W, 3) to (size, size, 3): 'resize' scales the whole image (bilinear, with
+    antialiasing); 'imagenet' is torchvision's ``Resize(round(size / 0.875))`` then
+    ``CenterCrop(size)``: the shorter side to 256 for 224 (the longer one truncated, as
+    torchvision does), the centre kept."""
+    height, width = image.shape[:2]
+    if preprocessing == "resize":
+        if (height, width) == (size, size):
+            return image
+        return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+    if preprocessing != "imagenet":
+        raise ValueError(f"preprocessing must be one of {PREPROCESSINGS}, got {preprocessing!r}")
+    short = round(size / CROP_FRACTION)
+    if height <= width:
+        new_height, new_width = short, int(short * width / height)
+    else:
+        new_height, new_width = int(short * height / width), short
+    resized = np.asarray(Image.fromarray(image).resize((new_width, new_height), Image.Resampling.BILINEAR))
+    top, left = int(round((new_height - size) / 2.0)), int(round((new_width - size) / 2.0))
+    return resized[top:top + size, left:left + size]
+
+
+def load_dataset(config, any_size: bool = False) -> Dataset:
+    """Reads SIGNS as ``config`` says (data_dir, data_format, num_classes, image_size); with
+    ``any_size``, images of another size than the config's are accepted (for ``resize_image``)."""
+    image_size = None if any_size else config.image_size
     directory = find_data_dir(config.get("data_dir"), config.get("data_format", "auto"))
     use_h5 = config.get("data_format", "auto") == "h5" or (
         config.get("data_format", "auto") == "auto" and _holds_data(directory, "h5")
@@ -176,11 +209,9 @@ def load_dataset(config) -> Dataset:
     splits = {}
     for split in SPLITS:
         if use_h5:
-            splits[split] = load_h5_split(directory / f"{split}_signs.h5", split,
-                                          config.num_classes, config.image_size)
+            splits[split] = load_h5_split(directory / f"{split}_signs.h5", split, config.num_classes, image_size)
         else:
-            splits[split] = load_jpg_split(directory / f"{split}_signs", config.num_classes,
-                                           config.image_size)
+            splits[split] = load_jpg_split(directory / f"{split}_signs", config.num_classes, image_size)
     return Dataset(splits["train"], splits["test"], config.num_classes)
 
 

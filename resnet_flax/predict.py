@@ -1,10 +1,12 @@
 """Classify your own images: ``python -m resnet_flax.predict --workdir=DIR IMAGE...``.
 
 Each image (JPEG, PNG, ...; any size; RGB, grey or with alpha; phone photos turned upright by
-their EXIF orientation) is resized to the model's input size and preprocessed exactly as in
-training (pixels / 255). The assignment's own example used Keras's ``preprocess_input`` (ImageNet
-mean subtraction) at prediction time but not in training, and got the wrong class; here the one
-``input_pipeline.normalize`` serves both.
+their EXIF orientation) is brought to the model's input size as the checkpoint's config says
+(``preprocessing``: resized whole, or, for torchvision's weights, shorter side resized to
+image_size / 0.875 and centre-cropped) and normalised exactly as in training (``normalization``:
+pixels / 255, or then ImageNet's mean and std). The assignment's own example used Keras's
+``preprocess_input`` (ImageNet mean subtraction) at prediction time but not in training, and got
+the wrong class; here the one ``input_pipeline.normalize`` serves both.
 
 Prints per image the class and the probability vector (``--json``: one JSON object per line).
 A folder stands for the images in it, in sorted order (``--recursive``: in its subfolders too). A
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from absl import flags
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
 from resnet_flax import checkpoints, cli, input_pipeline, pretrained
 from resnet_flax.errors import UserError
@@ -34,10 +36,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("epoch", None, "Which checkpoint; default the newest.")
     flags.DEFINE_bool("json", False, "One JSON object per image instead of text.")
     flags.DEFINE_bool("recursive", False, "For a folder, also classify the images in its subfolders.")
+    flags.DEFINE_bool("ema", False, "Use the moving average of the weights (config.ema_decay > 0).")
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    """An image file as uint8 RGB (size, size, 3), upright, resized with antialiasing."""
+def load_image(path: str | Path, size: int, preprocessing: str = "resize") -> np.ndarray:
+    """An image file as uint8 RGB (size, size, 3), upright, brought to ``size`` by
+    ``input_pipeline.resize_image`` (resized whole, or 'imagenet': resized and centre-cropped)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: a folder without image files ({', '.join(IMAGE_SUFFIXES)}); "
@@ -45,9 +49,7 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     image = input_pipeline.read_image(path, transform=ImageOps.exif_transpose)
-    if image.shape[:2] != (size, size):
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
-    return image
+    return input_pipeline.resize_image(image, size, preprocessing)
 
 
 def expand_folders(paths, recursive: bool = False) -> list[Path]:
@@ -69,7 +71,7 @@ def classify(trained: pretrained.Trained, paths) -> list[dict]:
     results, images = [], []
     for path in paths:
         try:
-            images.append(load_image(path, trained.config.image_size))
+            images.append(load_image(path, trained.config.image_size, trained.config.preprocessing))
             results.append({"file": str(path)})
         except UserError as e:
             results.append({"file": str(path), "error": str(e)})
@@ -94,7 +96,7 @@ def format_result(result: dict) -> str:
 def main(argv):
     if not argv[1:]:
         raise UserError("give one or more image files or folders")
-    trained = pretrained.load(FLAGS.workdir, FLAGS.epoch)
+    trained = pretrained.load(FLAGS.workdir, FLAGS.epoch, FLAGS.ema)
     print(f"checkpoint: {checkpoints.checkpoint_root(FLAGS.workdir) / str(trained.epoch)}", file=sys.stderr)
     results = classify(trained, expand_folders(argv[1:], FLAGS.recursive))
     for result in results:

@@ -44,14 +44,16 @@ def abstract_variables(model: models.ResNet, image_size: int, mesh=None) -> dict
     return runtime.abstract(shapes, runtime.replicated(runtime.make_mesh() if mesh is None else mesh))
 
 
-def load(workdir: str | Path, epoch: int | None = None) -> Trained:
+def load(workdir: str | Path, epoch: int | None = None, ema: bool = False) -> Trained:
     """The model and weights of ``workdir``'s newest checkpoint that restores (or of ``epoch``);
-    damaged ones are reported and skipped (``checkpoints.newest_restorable``), never moved."""
+    damaged ones are reported and skipped (``checkpoints.newest_restorable``), never moved.
+    ``ema``: the moving average of the weights instead (a run with ``config.ema_decay``)."""
 
     def restore(epoch: int) -> Trained:
         config = checkpoints.load_config(workdir, epoch)
         model = models.model_from_config(config)
-        variables, _ = checkpoints.read_variables(workdir, epoch, abstract_variables(model, config.image_size))
+        variables, _ = checkpoints.read_variables(workdir, epoch, abstract_variables(model, config.image_size),
+                                                  item="ema" if ema else "variables")
         return Trained(model, variables, config, epoch)
 
     return checkpoints.newest_restorable(workdir, restore, epoch)
