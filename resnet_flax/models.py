@@ -141,7 +141,8 @@ class ResNet(nn.Module):
     Attributes:
       num_classes: size of the output layer, which is named ``fc{num_classes}``.
       stage_sizes: blocks per stage, the convolutional block included (ResNet-50: 3, 4, 6, 3).
-      stage_filters: (F1, F2, F3) of each stage.
+      stage_filters: (F1, F2, F3) of each stage's bottleneck blocks, or (F1, F2) for basic blocks
+        (ResNet-18/34 in the assignment's style).
       stem_features: filters of ``conv1``.
       kernel_size: the middle window ``f`` of every block.
       conv, norm, dense: module factories of the convolution, BatchNorm and output layers

@@ -126,7 +126,7 @@ class ProgramCache:
 # that differ only in these share their programs. Every other field is part of the key.
 HOST_ONLY_FIELDS = ("data_dir", "data_format", "checkpoint_every_epochs", "keep_checkpoints",
                     "restore_from", "restore_optimizer", "bn_recalibration_batches",
-                    "compilation_cache_dir", "allow_config_change", "profile_steps")
+                    "compilation_cache_dir", "allow_config_change", "profile_steps", "preprocessing")
 
 
 def for_config(config, compilation_cache: Path | None) -> ProgramCache:

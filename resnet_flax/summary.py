@@ -10,6 +10,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +19,7 @@ from ml_collections import config_flags
 
 from resnet_flax import cli, models
 from resnet_flax.keras_io.weights import keras_layer_order, layer_kind
+from resnet_flax.torch_io.state_dict import torch_module_name
 
 FLAGS = flags.FLAGS
 KERAS_TYPES = {"conv": "Conv2D", "batchnorm": "BatchNormalization", "dense": "Dense"}
@@ -39,17 +41,47 @@ def totals_line(variables: Mapping[str, Any]) -> str:
             f"non-trainable {totals['non_trainable']:,})")
 
 
-def layer_rows(model: models.ResNet, image_size: int) -> tuple[list[dict[str, Any]], dict]:
+def forward_order(model, variables, images) -> dict[str, tuple[str, ...]]:
+    """Every layer with weights, in the order the forward pass calls them, named by its dotted
+    path (``layer1.0.conv1``: torchvision's ``state_dict`` names for its layout)."""
+    called = []
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__":
+            called.append(tuple(context.module.path))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(functools.partial(model.apply, train=False), variables, images)
+    return {torch_module_name(path): path for path in dict.fromkeys(called)
+            if path and _holds_leaves(variables["params"], path)}
+
+
+def _holds_leaves(params, path) -> bool:
+    """Whether the module at ``path`` has weights of its own."""
+    tree = params
+    for key in path:
+        if not isinstance(tree, Mapping) or key not in tree:
+            return False
+        tree = tree[key]
+    return isinstance(tree, Mapping) and any(not isinstance(leaf, Mapping) for leaf in tree.values())
+
+
+def layer_rows(model, image_size: int) -> tuple[list[dict[str, Any]], dict]:
     """``(rows, variables)``: a row (name, type, output_shape, params) per layer with weights, and
-    the model's variables as shapes."""
+    the model's variables as shapes. The assignment's layout is listed by Keras names in the Keras
+    model's order, the others by module path in the order of the forward pass."""
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
     _, state = jax.eval_shape(functools.partial(model.apply, train=False, capture_intermediates=True,
                                                 mutable=["intermediates"]), variables, images)
-    paths = models.keras_layer_paths(variables)
+    if isinstance(model, models.ResNet):
+        paths = models.keras_layer_paths(variables)
+        paths = {name: paths[name] for name in keras_layer_order(paths)}
+    else:
+        paths = forward_order(model, variables, images)
     rows = []
-    for name in keras_layer_order(paths):
-        path = paths[name]
+    for name, path in paths.items():
         output = functools.reduce(lambda tree, key: tree[key], path, state["intermediates"])["__call__"][0]
         if isinstance(output, tuple):  # a conv whose bias its BatchNorm takes in: (output, bias)
             output = output[0]

@@ -70,7 +70,7 @@ def test_torchvision_layout_counts_equal_torchvision(name):
 
 
 @pytest.mark.parametrize("variant", models.VARIANTS)
-@pytest.mark.parametrize("depth", DEPTHS)
+@pytest.mark.parametrize("depth", [*DEPTHS[:3], *(pytest.param(d, marks=pytest.mark.slow) for d in DEPTHS[3:])])
 def test_every_member_and_layout_has_the_parameters_of_its_architecture(depth, variant):
     # At 64x64 the assignment's 2x2 average pool leaves one pixel, as global pooling does.
     for residual, prefix in ((True, "resnet"), (False, "plain")):
@@ -126,8 +126,9 @@ def test_plain_twins_drop_exactly_the_shortcut_layers(variant):
     assert any(shortcut(p) for p, _ in residual) and not any(shortcut(p) for p, _ in plain)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["torchvision", "preact"])
-@pytest.mark.parametrize("conv_impl", [pytest.param("gemm", marks=pytest.mark.slow), "winograd"])
+@pytest.mark.parametrize("conv_impl", ["gemm", "winograd"])
 def test_cpu_kernels_compute_every_layout_as_xla_does(variant, conv_impl):
     """Outputs, gradients and BatchNorm statistics of a training step of resnet_tiny at 32x32
     (stride-2 3x3 convs with symmetric padding, maps 8x8 to 2x2), against XLA's convolution."""

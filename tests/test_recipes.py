@@ -46,6 +46,16 @@ def test_weight_decay_reaches_kernels_only():
                                        err_msg=jax.tree_util.keystr(path))
 
 
+def test_a_frozen_backbone_gets_no_update_and_no_decay():
+    grads = jax.tree.map(jnp.ones_like, PARAMS)
+    for optimizer in ("adamw", "sgd"):
+        updated = one_update(recipe(optimizer=optimizer, weight_decay=0.1, grad_clip_norm=1.0,
+                                    freeze="backbone"), grads)
+        for name in ("conv", "bn"):
+            assert_trees_equal(updated[name], PARAMS[name])
+        assert np.all(np.asarray(updated["fc"]["kernel"]) < 2.0), optimizer
+
+
 def test_gradient_clipping_scales_to_the_global_norm():
     grads = jax.tree.map(jnp.ones_like, PARAMS)
     norm = float(optax.tree.norm(grads))
@@ -83,6 +93,7 @@ def run_steps(config, model, images, labels, count: int):
     return history
 
 
+@pytest.mark.slow
 def test_moving_average_equals_its_hand_computation(tiny_setup):
     config, _, images, labels = tiny_setup
     config = smoke_config(ema_decay=0.75)
@@ -97,6 +108,7 @@ def test_moving_average_equals_its_hand_computation(tiny_setup):
     assert not np.allclose(history[-1].ema["params"]["fc6"]["kernel"], history[-1].params["fc6"]["kernel"])
 
 
+@pytest.mark.slow
 def test_a_frozen_backbone_stays_frozen(tiny_setup):
     _, _, images, labels = tiny_setup
     config = smoke_config(freeze="backbone")
@@ -109,6 +121,7 @@ def test_a_frozen_backbone_stays_frozen(tiny_setup):
     assert not np.array_equal(first.params[head]["kernel"], last.params[head]["kernel"])
 
 
+@pytest.mark.slow
 def test_transfer_to_another_number_of_classes_and_a_linear_probe(tmp_path, capsys):
     # A 1000-class "pretrained" torchvision-layout model, as torch_io would import it.
     source_config = smoke_config(variant="torchvision", num_classes=1000)
@@ -165,6 +178,7 @@ def test_bfloat16_training_lowers_the_loss(tiny_setup):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_moving_average_is_checkpointed_evaluated_and_resumed(tmp_path):
     from conftest import checkpoint_trees
     from resnet_flax import evaluate
@@ -186,3 +200,25 @@ def test_moving_average_is_checkpointed_evaluated_and_resumed(tmp_path):
 def test_a_run_without_moving_average_has_none_to_load(smoke_run):
     with pytest.raises(UserError, match=r"checkpoints/2: holds no moving average of the weights"):
         pretrained.load(smoke_run[0], ema=True)
+
+
+@pytest.mark.slow
+def test_signs_transfer_config_fine_tunes_imported_weights(tmp_path, capsys):
+    """configs/signs_transfer.py as documented, from random 1000-class weights (nothing is
+    downloaded here), with ResNet-18 and one epoch to keep it short."""
+    from conftest import REPO
+    from resnet_flax.config import load_config_file
+    from resnet_flax.torch_io.__main__ import imported_config
+
+    source_config = imported_config("resnet18", 1000)
+    source = steps.create_train_state(source_config, models.model_from_config(source_config), steps_per_epoch=1)
+    pretrained.save_imported(tmp_path / "tv_resnet18", {"params": source.params, "batch_stats": source.batch_stats},
+                             source_config)
+    config = load_config_file(REPO / "configs" / "signs_transfer.py")
+    config.update(model="resnet18", restore_from=str(tmp_path / "tv_resnet18"), num_epochs=1,
+                  bn_recalibration_batches=0)
+    summary = train.train_and_evaluate(config, tmp_path / "run")
+    assert "fc starts fresh for 6 classes" in capsys.readouterr().out
+    assert summary["epochs"] == 1 and np.isfinite(summary["test_loss"])
+    trained = pretrained.load(tmp_path / "run")
+    assert trained.config.normalization == "imagenet" and trained.variables["params"]["fc"]["kernel"].shape == (512, 6)

@@ -38,6 +38,22 @@ def test_rows_of_a_small_member_are_its_variables():
     assert shapes["bn3a_branch1"] == (None, 8, 8, 16) and shapes["fc6"] == (None, 6)
 
 
+@pytest.mark.parametrize("variant", ["torchvision", "preact"])
+def test_other_layouts_list_layers_in_forward_order_by_state_dict_name(variant):
+    rows, variables = summary.layer_rows(models.create_model("resnet18", num_classes=1000, variant=variant), 224)
+    names = [r["name"] for r in rows]
+    assert names[:2] == ["conv1", "bn1"] and names[-1] == "fc"
+    first_block = ["layer1.0.conv1", "layer1.0.bn2", "layer1.0.conv2"] if variant == "preact" else [
+        "layer1.0.conv1", "layer1.0.bn1", "layer1.0.conv2", "layer1.0.bn2"]
+    assert names[2:2 + len(first_block)] == first_block
+    assert sum(r["params"] for r in rows) == summary.parameter_totals(variables)["total"]
+    if variant == "torchvision":
+        assert summary.parameter_totals(variables)["trainable"] == 11_689_512
+        assert "layer2.0.downsample.0" in names and names[-2] == "layer4.1.bn2"
+    else:
+        assert names[-2] == "post_bn"
+
+
 @pytest.mark.slow
 def test_a_profiled_run_writes_a_trace_and_trains_as_without(smoke_run, tmp_path, capsys):
     workdir = tmp_path / "profiled"

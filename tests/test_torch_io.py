@@ -12,7 +12,7 @@ import torchvision
 from PIL import Image
 
 from conftest import REPO
-from resnet_flax import input_pipeline, pretrained
+from resnet_flax import input_pipeline, predict, pretrained
 from resnet_flax.errors import UserError
 from resnet_flax.torch_io import __main__ as torch_io
 from resnet_flax.torch_io import state_dict as torch_state_dict
@@ -70,7 +70,8 @@ def test_imagenet_resize_gives_torchvisions_pixels(photos):
         np.testing.assert_array_equal(ours, np.asarray(pipeline(photo)))
 
 
-@pytest.mark.parametrize("name", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_imported_torchvision_model_gives_torchvisions_probabilities(name, photos, tmp_path):
     net = random_torchvision(name)
     saved = torch_io.import_weights(save_pth(net, tmp_path / f"{name}.pth"), name, tmp_path / "run")[0]
@@ -85,6 +86,10 @@ def test_imported_torchvision_model_gives_torchvisions_probabilities(name, photo
     # The same pixels through this project's preprocessing (predict's) and normalisation.
     images = np.stack([input_pipeline.resize_image(np.asarray(photo), 224, "imagenet") for photo in photos])
     np.testing.assert_allclose(trained.probabilities(images), expected, atol=1e-5, rtol=0)
+    # predict reads the file and applies the checkpoint's preprocessing itself.
+    photos[0].save(tmp_path / "photo.png")
+    (result,) = predict.classify(trained, [tmp_path / "photo.png"])
+    np.testing.assert_allclose(result["probabilities"], expected[0], atol=1e-5, rtol=0)
 
     # Back to torchvision: exactly the same tensors, so exactly the same outputs.
     for suffix in (".pth", ".safetensors"):
@@ -152,6 +157,7 @@ def test_import_command_reports_one_line(tmp_path):
         np.testing.assert_array_equal(exported[key], value.numpy(), err_msg=key)
 
 
+@pytest.mark.slow
 def test_imported_weights_evaluate_on_signs_at_their_own_size(tmp_path):
     from resnet_flax import evaluate
 
@@ -162,6 +168,7 @@ def test_imported_weights_evaluate_on_signs_at_their_own_size(tmp_path):
     assert 0.0 <= result["test_accuracy"] <= 1.0 and np.isfinite(result["test_loss"])
 
 
+@pytest.mark.slow
 def test_timm_resnet_from_safetensors_gives_timms_probabilities(tmp_path):
     import timm
     from safetensors.torch import save_file
@@ -191,6 +198,7 @@ def test_export_of_the_assignment_layout_is_refused(smoke_run, tmp_path):
         torch_io.export_weights(smoke_run[0], tmp_path / "out.pth")
 
 
+@pytest.mark.slow
 def test_state_dict_names_follow_torchvision_for_every_depth():
     for name in ("resnet34", "resnet101", "resnet152"):
         from resnet_flax import models

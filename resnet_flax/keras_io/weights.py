@@ -67,7 +67,7 @@ LEGACY_BACKEND = "tensorflow"
 # Inside a block, Keras lists the layers in this order (its topological order for the assignment's
 # blocks: the main path's last conv precedes the shortcut conv, then the two BatchNorms).
 _BLOCK_LAYER_ORDER = ("res2a", "bn2a", "res2b", "bn2b", "res2c", "res1", "bn2c", "bn1")
-_BLOCK_LAYER = re.compile(r"(res|bn)(\d+)([a-z]+)_branch(2a|2b|2c|1)")
+_BLOCK_LAYER = re.compile(r"(res|bn)(\d+)([a-z])(\d*)_branch(2a|2b|2c|1)")  # block 'b', or 'b12' (ResNet-152)
 _DENSE_LAYER = re.compile(r"fc(\d+)")
 
 # One Keras layer read from a file: (weight name or None when only the position is known, array).
@@ -111,8 +111,8 @@ def keras_layer_order(names: Iterable[str]) -> list[str]:
         match = _BLOCK_LAYER.fullmatch(name)
         if match is None:
             raise ValueError(f"{name!r} is not a layer name of the assignment's ResNet")
-        kind, stage, block, branch = match.groups()
-        return (2, int(stage), block, _BLOCK_LAYER_ORDER.index(kind + branch))
+        kind, stage, block, number, branch = match.groups()
+        return (2, int(stage), block, int(number or 0), _BLOCK_LAYER_ORDER.index(kind + branch))
 
     return sorted(names, key=key)
 

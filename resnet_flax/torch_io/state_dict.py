@@ -13,6 +13,7 @@ and written as 0. Nothing here needs PyTorch except reading or writing a ``.pth`
 ``.safetensors`` files are read and written with ``safetensors.numpy``.
 """
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,8 +28,8 @@ IGNORED_SUFFIX = "num_batches_tracked"
 
 
 def torch_module_name(path: tuple[str, ...]) -> str:
-    """``('layer1_0', 'downsample_1')`` -> ``'layer1.0.downsample.1'``."""
-    return ".".join(part.replace("_", ".") for part in path)
+    """``('layer1_0', 'downsample_1')`` -> ``'layer1.0.downsample.1'`` (``post_bn`` stays)."""
+    return ".".join(re.sub(r"_(\d+)", r".\1", part) for part in path)
 
 
 def _leaves(tree: Mapping, prefix: tuple[str, ...] = ()):
