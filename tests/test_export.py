@@ -55,3 +55,16 @@ def test_resnet50_exports_with_flax_probabilities(signs_images):
     images = signs_images[:6]
     expected = jax.jit(export.probabilities_fn(model, variables))(jnp.asarray(images, jnp.float32))
     np.testing.assert_allclose(onnx_probabilities(proto.SerializeToString(), images), expected, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["torchvision", "preact"])
+def test_other_layouts_export_with_their_normalisation(variant, signs_images):
+    config = config_lib.default_config()
+    config.update(model="resnet_tiny", variant=variant, normalization="imagenet")
+    model = models.model_from_config(config)
+    variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))()
+    proto = export.to_onnx(model, variables, config, {"model": "resnet_tiny"})
+    images = signs_images[:4]
+    expected = jax.jit(export.probabilities_fn(model, variables, "imagenet"))(jnp.asarray(images, jnp.float32))
+    np.testing.assert_allclose(onnx_probabilities(proto.SerializeToString(), images), expected, atol=1e-5)
