@@ -21,7 +21,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Pixels to model inputs: 'unit' = pixels / 255 (the assignment's); 'imagenet' = then ImageNet's
     # mean and standard deviation per channel (what torchvision's weights expect).
     config.normalization = "unit"
-    # An image of another size to image_size, in predict: 'resize' = the whole image, stretched;
+    # An image of another size to image_size (predict, evaluate): 'resize' = the whole image, stretched;
     # 'imagenet' = shorter side to image_size / 0.875, then the centre crop (224 <- 256).
     config.preprocessing = "resize"
 

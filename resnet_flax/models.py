@@ -70,7 +70,7 @@ def _main_path(conv_bn, x: jax.Array, filters: Sequence[int], f: int, strides: i
 
 def block_letter(index: int, num_blocks: int) -> str:
     """A block's name within its stage: a, b, c, ... as in the assignment; in a stage of more than
-    26 blocks (ResNet-152's third), the original Caffe models' a, b1, b2, ..."""
+    26 blocks (ResNet-152's stage 4, 36 blocks), the original Caffe models' a, b1, b2, ..."""
     if num_blocks <= len(string.ascii_lowercase):
         return string.ascii_lowercase[index]
     return "a" if index == 0 else f"b{index}"
