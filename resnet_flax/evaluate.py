@@ -38,8 +38,7 @@ def evaluate_checkpoint(workdir, epoch=None, data_dir=None, batch_size=40, ema=F
                            for image in test.images])
         test = input_pipeline.Split(images, test.labels, f"{test.source} ({config.preprocessing} to "
                                                          f"{config.image_size}x{config.image_size})")
-    evaluate = evaluation.Evaluator(trained.model.apply, config.num_classes,
-                                    normalization=config.get("normalization", "unit"))
+    evaluate = evaluation.Evaluator(trained.model.apply, config.num_classes, normalization=config.normalization)
     result = evaluate(trained.variables, evaluation.split_batches(test, batch_size, runtime.make_mesh()))
     return {"test_loss": result["loss"], "test_accuracy": result["accuracy"],
             "examples": result["count"], "epoch": trained.epoch, "data": test.source}

@@ -61,9 +61,9 @@ class Conv2D(nn.Module):
             y = self.convolve(x, kernel, self.strides, self.padding, self.impl, self.precision)
         else:
             y = conv.conv2d_inference(x, derived, self.precision)
-        if defer_bias or bias is None:
-            return (y, bias) if defer_bias else y
-        return y + bias.astype(y.dtype)
+        if defer_bias:
+            return y, bias
+        return y if bias is None else y + bias.astype(y.dtype)
 
     def _inference_kernel(self, kernel: jax.Array, x: jax.Array):
         """The ``ops.conv.inference_kernel`` where evaluation supplies ``INFERENCE_KERNELS`` (or

@@ -72,7 +72,7 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
     if config.get("freeze", ""):
         if head_name is None:
             raise ValueError("config.freeze needs the model's head_name")
-        labels = lambda params: {name: "train" if name == head_name else "frozen" for name in params}
+        labels = lambda params: {module: "train" if module == head_name else "frozen" for module in params}
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx
 

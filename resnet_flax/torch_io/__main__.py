@@ -70,10 +70,9 @@ def export_weights(workdir: str | Path, path: str | Path, epoch: int | None = No
     """Writes the weights of ``workdir``'s newest checkpoint that restores (or of ``epoch``) as a
     torchvision ``state_dict``; returns its epoch."""
     trained = pretrained.load(workdir, epoch)
-    if trained.config.get("variant", "assignment") != "torchvision":
-        raise UserError(f"{workdir}: holds a {trained.config.model} in the "
-                        f"{trained.config.get('variant', 'assignment')!r} layout; only the torchvision "
-                        "layout has a torchvision twin to export to")
+    if trained.config.variant != "torchvision":  # load_config fills fields older configs lack
+        raise UserError(f"{workdir}: holds a {trained.config.model} in the {trained.config.variant!r} layout; "
+                        "only the torchvision layout has a torchvision twin to export to")
     write_state_dict(state_dict_from_variables(jax.device_get(trained.variables)), path)
     return trained.epoch
 
