@@ -198,6 +198,16 @@ def test_export_of_the_assignment_layout_is_refused(smoke_run, tmp_path):
         torch_io.export_weights(smoke_run[0], tmp_path / "out.pth")
 
 
+def test_keras_export_of_an_imported_torchvision_model_is_refused(tmp_path):
+    from resnet_flax.keras_io.__main__ import export_weights as keras_export
+
+    torch_io.import_weights(save_pth(random_torchvision("resnet18", num_classes=6), tmp_path / "a.pth"),
+                            "resnet18", tmp_path / "run")
+    with pytest.raises(UserError, match=r"holds a resnet18 in the 'torchvision' layout; only the assignment's"):
+        keras_export(tmp_path / "run", tmp_path / "out.weights.h5")
+    assert not (tmp_path / "out.weights.h5").exists()
+
+
 @pytest.mark.slow
 def test_state_dict_names_follow_torchvision_for_every_depth():
     for name in ("resnet34", "resnet101", "resnet152"):

@@ -41,9 +41,9 @@ def export_weights(workdir: str | Path, keras_file: str | Path, epoch: int | Non
     """Writes the weights of ``workdir``'s newest checkpoint that restores (or of ``epoch``);
     returns its epoch."""
     trained = pretrained.load(workdir, epoch)
-    if trained.config.model != "resnet50":
-        raise UserError(f"{workdir}: holds a {trained.config.model}; only the assignment's resnet50 "
-                        "has a Keras twin to export to")
+    if (trained.config.model, trained.config.variant) != ("resnet50", "assignment"):
+        raise UserError(f"{workdir}: holds a {trained.config.model} in the {trained.config.variant!r} layout; "
+                        "only the assignment's resnet50 has a Keras twin to export to")
     save_keras_weights(jax.device_get(trained.variables), keras_file)
     return trained.epoch
 
