@@ -1,11 +1,15 @@
-"""Orbax checkpoints of a run: saved after epochs, resumed from the newest good one, checked
-against the model before anything is loaded.
+"""Orbax checkpoints of a run: saved after epochs (and, with ``config.checkpoint_every_steps`` or
+on SIGTERM, within them), resumed from the newest good one, checked against the model before
+anything is loaded.
 
-Layout: ``<workdir>/checkpoints/<epoch>/`` holds four items --
-``variables`` (params and batch_stats), ``optimizer`` (optimizer state and step), ``config`` (the
-run's config as JSON, so a checkpoint is usable without the config file) and ``progress``
-(epoch, step) -- and, with ``config.ema_decay``, a fifth: ``ema``, the moving average of
-``variables``, in their layout. Weights-only restores read ``variables`` (or ``ema``) alone.
+Layout: ``<workdir>/checkpoints/<epoch>/`` (after an epoch) and ``<workdir>/step_checkpoints/<step>/``
+(within one) hold the same items -- ``variables`` (params and batch_stats), ``optimizer``
+(optimizer state and step), ``config`` (the run's config as JSON, so a checkpoint is usable
+without the config file), ``progress`` (the epochs completed, the step, and the data's position:
+the batches of the next epoch already trained on, with that epoch's sums so far) and ``dataset``
+(the class names, where the data came from) -- and, with ``config.ema_decay``, ``ema``, the moving
+average of ``variables``, in their layout. Weights-only restores read ``variables`` (or ``ema``)
+alone. ``evaluate``, ``predict`` and the exports read the epoch checkpoints.
 
 Saves are synchronous and atomic (orbax writes a temporary directory and renames it when
 complete), so a killed run leaves only complete checkpoints. A checkpoint that fails to restore
@@ -29,6 +33,7 @@ from resnet_flax.errors import UserError
 
 T = TypeVar("T")
 CHECKPOINT_DIR = "checkpoints"
+STEP_CHECKPOINT_DIR = "step_checkpoints"
 DAMAGED_DIR = "damaged_checkpoints"
 
 
@@ -45,7 +50,8 @@ def _manager(root: Path, keep: int | None = None, read_only: bool = False) -> oc
     # Handlers named up front, so a fresh manager can read metadata before any save.
     handlers = {"variables": ocp.StandardCheckpointHandler(), "optimizer": ocp.StandardCheckpointHandler(),
                 "ema": ocp.StandardCheckpointHandler(),
-                "config": ocp.JsonCheckpointHandler(), "progress": ocp.JsonCheckpointHandler()}
+                "config": ocp.JsonCheckpointHandler(), "progress": ocp.JsonCheckpointHandler(),
+                "dataset": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(root, options=options, item_handlers=handlers)
 
 
@@ -78,30 +84,50 @@ def check_matches(saved, expected, where: str, what: str) -> None:
 
 
 class Checkpointer:
-    """Saves and restores a run's checkpoints in ``<workdir>/checkpoints``."""
+    """Saves and restores a run's checkpoints in ``<workdir>/checkpoints`` (``folder``: or another
+    folder of the workdir, ``STEP_CHECKPOINT_DIR``), keyed by epoch (or step)."""
 
-    def __init__(self, workdir: str | Path, keep: int = 3):
+    def __init__(self, workdir: str | Path, keep: int = 3, folder: str = CHECKPOINT_DIR):
         self.workdir = Path(workdir)
-        self.root = checkpoint_root(workdir)
+        self.root = self.workdir.expanduser().resolve() / folder if folder != CHECKPOINT_DIR \
+            else checkpoint_root(workdir)
         self._manager = _manager(self.root, keep=keep)
 
-    def save(self, epoch: int, variables: Mapping, optimizer: Mapping,
-             config: ml_collections.ConfigDict, ema: Mapping | None = None) -> None:
+    def save(self, key: int, variables: Mapping, optimizer: Mapping, config: ml_collections.ConfigDict,
+             ema: Mapping | None = None, progress: Mapping | None = None, dataset: Mapping | None = None) -> None:
+        """Saves under ``key``; ``progress`` gets the step added (``{"epoch": key}`` if not given)."""
         step = int(jax.device_get(optimizer["step"]))
         items = dict(
             variables=ocp.args.StandardSave(variables),
             optimizer=ocp.args.StandardSave(optimizer),
             config=ocp.args.JsonSave(config.to_dict()),
-            progress=ocp.args.JsonSave({"epoch": epoch, "step": step}),
+            progress=ocp.args.JsonSave({"epoch": key, **(progress or {}), "step": step}),
         )
         if ema is not None:
             items["ema"] = ocp.args.StandardSave(ema)
-        self._manager.save(epoch, args=ocp.args.Composite(**items))
+        if dataset is not None:
+            items["dataset"] = ocp.args.JsonSave(dict(dataset))
+        self._manager.save(key, args=ocp.args.Composite(**items))
         self._manager.wait_until_finished()
 
+    def newest_step(self) -> int | None:
+        """The training step of the newest checkpoint, by its progress record (None: none, or its
+        record is unreadable, which ``restore_latest`` then deals with)."""
+        keys = self._manager.all_steps()
+        if not keys:
+            return None
+        try:
+            return int(self._progress(max(keys))["step"])
+        except Exception:  # damaged: let restore_latest report it and fall back
+            return None
+
+    def _progress(self, key: int) -> dict:
+        return dict(self._manager.restore(key, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))["progress"])
+
     def restore_latest(self, variables: Mapping, optimizer: Mapping, ema: Mapping | None = None
-                       ) -> tuple[dict, dict, dict | None, int] | None:
-        """The newest checkpoint that restores, as (variables, optimizer, ema, epoch); None if none.
+                       ) -> tuple[dict, dict, dict | None, dict] | None:
+        """The newest checkpoint that restores, as (variables, optimizer, ema, progress); None if
+        none. ``progress`` is the saved record (``Checkpointer.save``), with ``key``.
 
         ``variables``, ``optimizer`` and ``ema`` (None: not wanted) are abstract targets (shapes,
         dtypes, shardings); ``ema`` comes back None from a checkpoint written without one. A
@@ -121,6 +147,7 @@ class Checkpointer:
                 if ema is not None and metadata.get("ema") is not None:
                     check_matches(metadata["ema"], ema, where, "moving-average variable")
                     items["ema"] = ocp.args.StandardRestore(ema)
+                items["progress"] = ocp.args.JsonRestore()
                 restored = self._manager.restore(epoch, args=ocp.args.Composite(**items))
             except UserError:
                 raise
@@ -128,7 +155,8 @@ class Checkpointer:
                 self._set_aside(epoch, e)
                 continue
             restored_ema = dict(restored["ema"]) if "ema" in items else None
-            return dict(restored["variables"]), dict(restored["optimizer"]), restored_ema, epoch
+            progress = {"epoch": epoch, "batch": 0, **dict(restored["progress"] or {}), "key": epoch}
+            return dict(restored["variables"]), dict(restored["optimizer"]), restored_ema, progress
         return None
 
     def _set_aside(self, epoch: int, error: Exception) -> None:
@@ -245,5 +273,20 @@ def split_state(state) -> tuple[dict, dict]:
     return variables, {"opt_state": state.opt_state, "step": state.step}
 
 
-def save_state(checkpointer: Checkpointer, epoch: int, state, config: ml_collections.ConfigDict) -> None:
-    checkpointer.save(epoch, *split_state(state), config, ema=getattr(state, "ema", None))
+def save_state(checkpointer: Checkpointer, key: int, state, config: ml_collections.ConfigDict,
+               progress: Mapping | None = None, dataset: Mapping | None = None) -> None:
+    checkpointer.save(key, *split_state(state), config, ema=getattr(state, "ema", None), progress=progress,
+                      dataset=dataset)
+
+
+def class_names(path: str | Path, epoch: int, num_classes: int) -> list[str]:
+    """The class names saved with a checkpoint; '0', '1', ... for one saved without them."""
+    manager = _manager(checkpoint_root(path), read_only=True)
+    try:
+        if manager.item_metadata(epoch).get("dataset") is None:
+            return [str(i) for i in range(num_classes)]
+        saved = manager.restore(epoch, args=ocp.args.Composite(dataset=ocp.args.JsonRestore()))["dataset"]
+    finally:
+        manager.close()
+    names = list(saved.get("class_names") or [])
+    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]

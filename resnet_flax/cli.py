@@ -87,7 +87,7 @@ def _guarded(main: Callable[[list[str]], None], argv: list[str]) -> None:
     try:
         main(argv)
     except UserError as e:
-        fail(str(e))
+        fail(str(e), getattr(e, "exit_status", 1))
     except KeyboardInterrupt:
         fail("interrupted", status=130)
     except Exception as e:

@@ -12,17 +12,26 @@ def default_config() -> ml_collections.ConfigDict:
     """Every field a run reads, with the assignment's values."""
     config = ml_collections.ConfigDict()
 
-    # Data. data_dir '' searches config -> $SIGNS_DATA_DIR -> ./datasets -> ../shared/data/signs.
+    # Data: 'signs' | 'imagefolder' (data_dir/train/<class>/..., data_dir/test/ or val/) |
+    # 'tfds:NAME' (prepared in data_dir; resnet_flax/datasets.py). For SIGNS, data_dir '' searches
+    # $SIGNS_DATA_DIR -> ./datasets -> ../shared/data/signs, and data_format says which layout.
+    config.dataset = "signs"
     config.data_dir = ""
     config.data_format = "auto"  # 'auto' | 'h5' | 'jpg'
     config.image_size = 64
-    config.num_classes = 6
+    config.num_classes = 6  # 0: as many as the data has (image folders, TFDS)
+    # Image folders and TFDS: decoding threads per process (0: one per CPU core), and what an
+    # image that cannot be decoded does: 'fail' (stop, naming it) | 'skip' (left out, counted).
+    config.data_threads = 0
+    config.bad_images = "fail"
     config.augment = False  # random shifts (4 px) and horizontal flips, on the device
     # Pixels to model inputs: 'unit' = pixels / 255 (the assignment's); 'imagenet' = then ImageNet's
     # mean and standard deviation per channel (what torchvision's weights expect).
     config.normalization = "unit"
-    # An image of another size to image_size (predict, evaluate): 'resize' = the whole image, stretched;
-    # 'imagenet' = shorter side to image_size / 0.875, then the centre crop (224 <- 256).
+    # Images to image_size, on the host: 'resize' = the whole image, stretched (SIGNS-like data);
+    # 'imagenet' = training: a random-resized crop and a horizontal flip; evaluation (and predict):
+    # the shorter side to image_size / 0.875, then the centre crop (224 <- 256). SIGNS is held at
+    # its size, with config.augment's on-device shifts and flips.
     config.preprocessing = "resize"
 
     # Model: resnet18/34/50/101/152 (and small resnet26/14/_tiny), or plain<depth> for the twin
@@ -73,6 +82,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Checkpoints in <workdir>/checkpoints: a workdir that has them resumes from the newest.
     config.checkpoint_every_epochs = 1
     config.keep_checkpoints = 3
+    # > 0: also a checkpoint every this many steps within an epoch (<workdir>/step_checkpoints, the
+    # newest two kept), holding the data's position, so a killed run resumes at the next batch.
+    # SIGTERM / SIGINT always save one at the step reached.
+    config.checkpoint_every_steps = 0
     # Start a new run from another run's checkpoint (a workdir or its checkpoints/ folder):
     # weights only, or weights and optimizer state (step included) with restore_optimizer. A
     # checkpoint with another number of classes gives all but the output layer (transfer).
@@ -117,13 +130,21 @@ def validate(config: ml_collections.ConfigDict, num_train: int) -> None:
         raise UserError(f"config.lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}")
     if config.bn_recalibration_batches < 0:
         raise UserError(f"config.bn_recalibration_batches must be >= 0, got {config.bn_recalibration_batches}")
+    if config.checkpoint_every_steps < 0:
+        raise UserError(f"config.checkpoint_every_steps must be >= 0 (0 = after epochs only), "
+                        f"got {config.checkpoint_every_steps}")
+    if config.data_threads < 0:
+        raise UserError(f"config.data_threads must be >= 0 (0 = one per CPU core), got {config.data_threads}")
+    if config.num_classes < 1:
+        raise UserError(f"config.num_classes must be >= 1 (0 only for data that names its classes), "
+                        f"got {config.num_classes}")
     if config.checkpoint_every_epochs < 1:
         raise UserError(f"config.checkpoint_every_epochs must be >= 1, got {config.checkpoint_every_epochs}")
     if not 0 <= config.profile_steps <= config.steps_per_chunk:
         raise UserError(f"config.profile_steps must be in [0, config.steps_per_chunk={config.steps_per_chunk}], "
                         f"got {config.profile_steps}")
     choices = {"optimizer": ("adam", "adamw", "sgd"), "normalization": ("unit", "imagenet"),
-               "preprocessing": ("resize", "imagenet"), "freeze": ("", "backbone")}
+               "preprocessing": ("resize", "imagenet"), "freeze": ("", "backbone"), "bad_images": ("fail", "skip")}
     for field, allowed in choices.items():
         if config[field] not in allowed:
             raise UserError(f"config.{field} must be one of {allowed}, got {config[field]!r}")

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from resnet_flax import input_pipeline, program_cache, runtime, steps
+from resnet_flax import feeds, input_pipeline, program_cache, runtime, steps
 from resnet_flax.ops import conv
 
 
@@ -61,6 +61,27 @@ def split_batches(split: input_pipeline.Split, batch_size: int, mesh, examples: 
     return runtime.gather_batches(split.images, split.labels, indices, mask, mesh)
 
 
+class TestBatches:
+    """A split's evaluation batches in chunks of at most ``capacity`` batches of ``batch_size``, the
+    last padded and masked: built once and kept on the devices for a split in memory (SIGNS: one
+    chunk), streamed afresh each pass otherwise (``feeds.StreamingFeed``)."""
+
+    def __init__(self, feed, batch_size: int, capacity: int, mesh):
+        self.feed = feed
+        self.indices, self.mask = input_pipeline.batch_indices(np.arange(len(feed)), batch_size)
+        self.num_batches = len(self.indices)
+        self._kept = None
+        if isinstance(feed, feeds.InMemoryFeed):
+            self._kept = [split_batches(feed.split, batch_size, mesh)]
+        self._lengths = feeds.chunked(self.num_batches, capacity)
+
+    def __iter__(self):
+        if self._kept is not None:
+            return iter(self._kept)
+        chunks = self.feed.chunks(self.indices, self.mask, self._lengths, capacity=None, train=False)
+        return (batches for batches, _ in chunks)
+
+
 class Evaluator:
     """``evaluator(variables, batches)``: mean loss, accuracy and example count of a model's
     ``variables`` on ``batches`` (``split_batches``).
@@ -83,6 +104,17 @@ class Evaluator:
 
     def __call__(self, variables: Mapping, batches: Mapping[str, jax.Array]) -> dict[str, float]:
         return steps.summarize(self.sums(variables, batches))
+
+    def over(self, variables: Mapping, chunks) -> dict[str, float]:
+        """Mean loss and accuracy over every chunk of batches in ``chunks`` (``TestBatches``)."""
+        return steps.summarize(self.total_sums(variables, chunks))
+
+    def total_sums(self, variables: Mapping, chunks) -> dict[str, np.ndarray]:
+        totals = {}
+        for batches in chunks:
+            for name, value in jax.device_get(self.sums(variables, batches)).items():
+                totals[name] = totals.get(name, 0) + np.asarray(value, np.float64)
+        return totals
 
     def _program(self, variables, batches) -> jax.stages.Compiled:
         key = program_cache.describe_args((variables, batches))

@@ -131,12 +131,14 @@ def load_h5_split(path: Path, split: str, num_classes: int, image_size: int | No
     return _check_split(images, labels, str(path), num_classes, image_size)
 
 
-def read_image(path: Path, transform=None) -> np.ndarray:
-    """An image file as uint8 RGB (H, W, 3); ``transform`` maps the PIL image first.
+def read_image(path, transform=None, name: str | None = None) -> np.ndarray:
+    """An image file (a path, or a file object named ``name`` in messages) as uint8 RGB (H, W, 3);
+    ``transform`` maps the PIL image first.
 
     A file PIL cannot decode, a truncated one, and one of more than ``Image.MAX_IMAGE_PIXELS``
     pixels (a decompression bomb: tiny on disk, gigabytes decoded) are each a UserError.
     """
+    name = name or path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -144,9 +146,9 @@ def read_image(path: Path, transform=None) -> np.ndarray:
                 image = transform(image) if transform else image
                 return np.asarray(image.convert("RGB"))
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise UserError(f"{path}: image too large to decode safely ({e})") from None
+        raise UserError(f"{name}: image too large to decode safely ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"{path}: not a readable image ({e})") from None
+        raise UserError(f"{name}: not a readable image ({e})") from None
 
 
 def load_jpg_split(folder: Path, num_classes: int, image_size: int | None = 64) -> Split:

@@ -15,9 +15,10 @@ EPOCH_FIELDS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accu
                 "seconds", "images_per_second")
 
 
-def progress_bar(total: int, epoch: int, num_epochs: int, enabled: bool = True) -> tqdm.tqdm:
-    """A bar over the epoch's training examples; off when stderr is not a terminal."""
-    return tqdm.tqdm(total=total, desc=f"Epoch {epoch}/{num_epochs}", unit="img", leave=False,
+def progress_bar(total: int, epoch: int, num_epochs: int, enabled: bool = True, initial: int = 0) -> tqdm.tqdm:
+    """A bar over the epoch's training examples (``initial`` of them done before a resume); off
+    when stderr is not a terminal."""
+    return tqdm.tqdm(total=total, initial=initial, desc=f"Epoch {epoch}/{num_epochs}", unit="img", leave=False,
                      disable=None if enabled else True, file=sys.stderr, dynamic_ncols=True)
 
 

@@ -124,7 +124,8 @@ class ProgramCache:
 
 # Config fields that steer only the host (where data and checkpoints are, what to report): runs
 # that differ only in these share their programs. Every other field is part of the key.
-HOST_ONLY_FIELDS = ("data_dir", "data_format", "checkpoint_every_epochs", "keep_checkpoints",
+HOST_ONLY_FIELDS = ("dataset", "data_dir", "data_format", "data_threads", "bad_images",
+                    "checkpoint_every_epochs", "checkpoint_every_steps", "keep_checkpoints",
                     "restore_from", "restore_optimizer", "bn_recalibration_batches",
                     "compilation_cache_dir", "allow_config_change", "profile_steps", "preprocessing")
 

@@ -206,7 +206,9 @@ def nonfinite_state(state: TrainState) -> dict[str, jax.Array]:
 def make_train_chunk(config):
     """``(state, batches, num_steps) -> (state, sums)``: the first ``num_steps`` batches of
     ``batches`` (arrays of shape (chunk, batch, ...)), all steps in one compiled call, the state's
-    buffers donated; the sums also hold the ``nonfinite_state`` it ends with. ``num_steps``
+    buffers donated. The sums are per step (arrays of the chunk's length, zero past ``num_steps``),
+    so that a host adding them up in step order gets the same totals however an epoch was split
+    into calls; they also hold the ``nonfinite_state`` the chunk ends with. ``num_steps``
     defaults to all of them. It is a traced value: one program runs chunks of any length up to
     the arrays' (an epoch's short first or last chunk included).
     Augmentation draws from ``config.seed`` folded with the step, so a resumed run repeats it
@@ -221,14 +223,14 @@ def make_train_chunk(config):
         rng = jax.random.key(config.seed)
 
         def one_step(i, carry):
-            state, totals = carry
+            state, per_step = carry
             batch = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), batches)
             state, sums = step(state, batch, rng)
-            return state, jax.tree.map(jnp.add, totals, sums)
+            return state, jax.tree.map(lambda all_, one: all_.at[i].set(one), per_step, sums)
 
-        zeros = dict.fromkeys(("loss_sum", "correct", "count"), jnp.zeros((), jnp.float32))
-        state, totals = lax.fori_loop(0, num_steps, one_step, (state, zeros))
-        return state, {**totals, **nonfinite_state(state)}
+        zeros = dict.fromkeys(("loss_sum", "correct", "count"), jnp.zeros(len(batches["mask"]), jnp.float32))
+        state, per_step = lax.fori_loop(0, num_steps, one_step, (state, zeros))
+        return state, {**per_step, **nonfinite_state(state)}
 
     compiled = jax.jit(train_chunk, donate_argnums=0)
 
@@ -266,8 +268,8 @@ def compile_train_chunk(config, state: TrainState, batches, steps_per_epoch: int
 
 
 def summarize(sums: Mapping[str, Any]) -> dict[str, float]:
-    """Mean loss and accuracy from summed ones (NaN when no example was counted)."""
-    sums = jax.device_get(sums)
-    count = float(sums["count"])
-    mean = (lambda total: float(total) / count) if count else (lambda total: math.nan)
+    """Mean loss and accuracy from summed ones, or per-step ones (NaN when no example was counted)."""
+    sums = {name: float(np.sum(value, dtype=np.float64)) for name, value in jax.device_get(dict(sums)).items()}
+    count = sums["count"]
+    mean = (lambda total: total / count) if count else (lambda total: math.nan)
     return {"loss": mean(sums["loss_sum"]), "accuracy": mean(sums["correct"]), "count": int(count)}

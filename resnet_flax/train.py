@@ -3,8 +3,13 @@ metrics, and the run's summary (``train_and_evaluate``).
 
 An epoch is a few compiled calls (``steps.make_train_chunk``): each runs a chunk of up to
 ``config.steps_per_chunk`` steps, and the progress bar moves between chunks. While the device runs
-one chunk, the host gathers the next chunk's batches (each process only the slice its devices
-hold; a few MB) and waits only for the previous chunk's sums.
+one chunk, the host gathers (or decodes: ``feeds.py``) the next chunk's batches, each process only
+the rows its devices hold, and waits only for the previous chunk's sums.
+
+Checkpoints come after epochs and, every ``config.checkpoint_every_steps`` steps, within them
+(calls end at those steps). SIGTERM or SIGINT stops the run before its next call with a checkpoint
+at the step reached (``preemption.py``); rerunning the same command resumes at the next batch, and
+the run ends as an uninterrupted one would have, bit for bit.
 
 Start-up (``start_training``) builds the train state and compiles the training chunk side by
 side, from the programs an earlier run of the same config saved when there are any
@@ -24,8 +29,8 @@ import ml_collections
 import numpy as np
 
 from resnet_flax import config as config_lib
-from resnet_flax import (checkpoints, evaluation, input_pipeline, metrics, models, program_cache, recalibration,
-                         runtime, steps, warm_start)
+from resnet_flax import (checkpoints, datasets, evaluation, feeds, input_pipeline, metrics, models, preemption,
+                         program_cache, recalibration, runtime, steps, warm_start)
 from resnet_flax import workdir as workdir_lib
 from resnet_flax.errors import UserError
 from resnet_flax.summary import totals_line
@@ -74,67 +79,99 @@ def abstract_batches(num_steps: int, batch_size: int, image_size: int, mesh) -> 
             "mask": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=sharding)}
 
 
-def gather_chunk(split: input_pipeline.Split, indices: np.ndarray, mask: np.ndarray, begin: int,
-                 length: int, capacity: int, mesh) -> tuple[dict[str, jax.Array], jax.Array]:
-    """The arguments of a training chunk compiled for ``capacity`` batches that runs the ``length``
-    batches of ``indices``/``mask`` from ``begin``: the batches, and the number of steps."""
-    # A short chunk fills the compiled shape with copies of its first batch that never run.
-    rows = np.r_[begin:begin + length, np.full(capacity - length, begin)]
-    batches = runtime.gather_batches(split.images, split.labels, indices[rows], mask[rows], mesh)
-    return batches, runtime.replicated_scalar(np.int32(length), mesh)
+def call_plan(steps_per_epoch: int, begin: int, limit: int, first: int | None, every: int, step: int
+              ) -> tuple[list[int], set[int]]:
+    """The calls (their lengths, ``chunk_lengths``) that train batches ``begin`` to the end of an
+    epoch starting at training step ``step``, and which of them end at a multiple of ``every``
+    steps (0: none) inside the epoch, where a step checkpoint is due."""
+    remaining = steps_per_epoch - begin
+    segments, done = [], 0
+    while done < remaining:
+        segment = min(every - (step + done) % every if every else remaining, remaining - done)
+        segments.append(segment)
+        done += segment
+    lengths, save_after = [], set()
+    for i, segment in enumerate(segments):
+        lengths += chunk_lengths(segment, limit, first if i == 0 else None)
+        if i < len(segments) - 1:
+            save_after.add(len(lengths) - 1)
+    return lengths, save_after
 
 
-def train_epoch(train_chunk, state: steps.TrainState, split: input_pipeline.Split, epoch: int, config, mesh,
-                lengths: list[int], capacity: int, show_progress: bool, profile: tuple[int, Path] | None = None
-                ) -> tuple[steps.TrainState, dict[str, float]]:
-    """One pass over the training set in the order of (seed, epoch), in calls of ``lengths`` steps
-    (``chunk_lengths``) of a chunk compiled for ``capacity`` batches.
+SUMMED = ("loss_sum", "correct", "count")
+
+
+def train_epoch(train_chunk, state: steps.TrainState, feed, epoch: int, config, mesh, lengths: list[int],
+                capacity: int, show_progress: bool, profile: tuple[int, Path] | None = None, begin: int = 0,
+                totals: dict | None = None, save_after: set[int] = frozenset(), save=None,
+                stop: preemption.StopRequests | None = None) -> tuple[steps.TrainState, dict, int, bool]:
+    """Trains on batches ``begin`` onwards of the epoch's order (that of (seed, epoch)), in calls of
+    ``lengths`` steps (``call_plan``) of a chunk compiled for ``capacity`` batches, from the
+    epoch's sums so far ``totals``.
 
     The next chunk's batches are gathered on the host while the device runs the current one, and
     the host waits only for the previous chunk's sums (for the progress bar and the NaN check).
-    ``profile`` = (i, folder) writes a ``jax.profiler`` trace of the i-th call into the folder.
+    After the calls in ``save_after`` it calls ``save(state, batches_done, totals)``. Before each
+    call it asks ``stop``; when asked to stop it returns early. Returns the state, the sums, the
+    batches of the epoch done and whether it stopped early. ``profile`` = (i, folder) writes a
+    ``jax.profiler`` trace of the i-th call into the folder.
     """
     indices, mask = input_pipeline.batch_indices(
-        input_pipeline.epoch_order(config.seed, epoch, len(split)), config.batch_size)
-    totals = dict.fromkeys(("loss_sum", "correct", "count", "nonfinite_params", "nonfinite_batch_stats"), 0.0)
-    bar = metrics.progress_bar(len(split), epoch, config.num_epochs, enabled=show_progress)
-    start = time.perf_counter()
+        input_pipeline.epoch_order(config.seed, epoch, len(feed)), config.batch_size)
+    totals = {**dict.fromkeys((*SUMMED, "nonfinite_params", "nonfinite_batch_stats"), 0.0), **(totals or {})}
+    bar = metrics.progress_bar(len(feed), epoch, config.num_epochs, enabled=show_progress,
+                               initial=int(totals["count"]))
+    start, start_count = time.perf_counter(), totals["count"]
 
-    def account(sums) -> None:
-        for name, value in jax.device_get(sums).items():
-            totals[name] += float(value)
+    def account(sums, length: int) -> None:
+        sums = jax.device_get(sums)
+        for name in SUMMED:  # step by step, in order: the same totals however the epoch was split
+            for value in sums[name][:length]:
+                totals[name] += float(value)
+        for name in ("nonfinite_params", "nonfinite_batch_stats"):
+            totals[name] += float(sums[name])
         check_finite(totals, epoch)
-        so_far = steps.summarize(totals)
+        so_far = steps.summarize({name: totals[name] for name in SUMMED})
         bar.update(so_far["count"] - bar.n)
         bar.set_postfix(loss=f"{so_far['loss']:.4f}", accuracy=f"{so_far['accuracy']:.4f}",
-                        img_per_s=f"{so_far['count'] / (time.perf_counter() - start):.0f}")
+                        img_per_s=f"{(so_far['count'] - start_count) / (time.perf_counter() - start):.0f}")
 
-    pending, begin = None, 0
-    for call, length in enumerate(lengths):
-        chunk_args = gather_chunk(split, indices, mask, begin, length, capacity, mesh)
+    pending, done, stopped = None, begin, False
+    chunks = feed.chunks(indices[begin:], mask[begin:], lengths, capacity, epoch, train=True)
+    for call, (batches, length) in enumerate(chunks):
+        if stop is not None and stop.requested():
+            stopped = True
+            break
         traced = profile is not None and call == profile[0]
         if traced:
             jax.block_until_ready(state)  # the trace holds this call's steps alone
             jax.profiler.start_trace(str(profile[1]), create_perfetto_trace=True)
-        state, sums = train_chunk(state, *chunk_args)
+        state, sums = train_chunk(state, batches, runtime.replicated_scalar(np.int32(length), mesh))
         if traced:
             jax.block_until_ready((state, sums))
             jax.profiler.stop_trace()
         if pending is not None:
-            account(pending)
-        pending, begin = sums, begin + length
-    account(pending)
+            account(*pending)
+        pending, done = (sums, length), done + length
+        if call in save_after:
+            account(*pending)
+            pending = None
+            save(state, done, {name: totals[name] for name in SUMMED})
+    chunks.close()
+    if pending is not None:
+        account(*pending)
     bar.close()
-    return state, steps.summarize(totals)
+    feed.report_skipped(f"epoch {epoch}")
+    return state, totals, done, stopped
 
 
-def recalibrate_batch_stats(model, variables, split: input_pipeline.Split, config, mesh) -> dict:
+def recalibrate_batch_stats(model, variables, feed, config) -> dict:
     """``variables`` with BatchNorm statistics averaged over ``config.bn_recalibration_batches``
     training batches (a fixed order of its own: "epoch 0")."""
     indices, mask = input_pipeline.batch_indices(
-        input_pipeline.epoch_order(config.seed, 0, len(split)), config.batch_size)
+        input_pipeline.epoch_order(config.seed, 0, len(feed)), config.batch_size)
     count = min(config.bn_recalibration_batches, len(indices))
-    batches = runtime.gather_batches(split.images, split.labels, indices[:count], mask[:count], mesh)
+    batches, _ = next(iter(feed.chunks(indices[:count], mask[:count], [count], count, epoch=0, train=True)))
     return recalibration.make_recalibrate(model.apply, models.batchnorm_momentum(config),
                                           config.normalization)(variables, batches)
 
@@ -167,71 +204,100 @@ def describe_model(config) -> str:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, mesh=None) -> dict[str, Any]:
-    """Trains ``config.model`` on SIGNS, evaluating after every epoch; returns the summary.
+    """Trains ``config.model`` on ``config.dataset``, evaluating after every epoch; returns the summary.
 
     Resumes from ``workdir``'s checkpoints if it has any (with the same config, less the fields
     ``resnet_flax/workdir.py`` lets change). Writes ``config.json``, ``history.jsonl``,
     ``metrics.jsonl``, ``summary.json``, ``curves.png``, TensorBoard events and checkpoints into
     ``workdir``, which no other run may use meanwhile. ``mesh`` defaults to all devices of all
-    processes.
+    processes. SIGTERM or SIGINT (in the main thread) stops it with a checkpoint and raises
+    ``preemption.Preempted``.
     """
     workdir = workdir_lib.prepare(workdir)
-    with workdir_lib.Lock(workdir, enabled=jax.process_index() == 0):
-        return _train_and_evaluate(config, workdir, mesh)
+    with workdir_lib.Lock(workdir, enabled=jax.process_index() == 0), preemption.StopRequests() as stop:
+        return _train_and_evaluate(config, workdir, mesh, stop)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh) -> dict[str, Any]:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh, stop) -> dict[str, Any]:
     is_main_process = jax.process_index() == 0
+    sources = datasets.open_sources(config)
+    config = datasets.with_num_classes(config, sources)
     changes = workdir_lib.check_resumed_config(workdir, config.to_dict(), config_lib.default_config().to_dict())
     programs = program_cache.for_config(config, runtime.enable_compilation_cache(config.compilation_cache_dir))
-    dataset = input_pipeline.load_dataset(config)
-    config_lib.validate(config, len(dataset.train))
+    config_lib.validate(config, len(sources.train))
     mesh = runtime.make_mesh() if mesh is None else mesh
     runtime.check_divisible(config.batch_size, mesh, "batch_size")
     runtime.check_divisible(config.eval_batch_size, mesh, "eval_batch_size")
+    train_feed, test_feed = (feeds.make_feed(source, config, mesh) for source in (sources.train, sources.test))
+    dataset_record = {"class_names": sources.class_names, "train": train_feed.description,
+                      "test": test_feed.description}
     model = models.model_from_config(config)
-    num_train = len(dataset.train)
+    num_train = len(train_feed)
     steps_per_epoch = -(-num_train // config.batch_size)
     capacity = min(config.steps_per_chunk, steps_per_epoch)  # batches per compiled call, at most
 
     state, train_chunk, compile_seconds = start_training(config, model, steps_per_epoch, capacity, mesh,
                                                          programs)
     checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
-    state, last_epoch = warm_start.restore_run(state, config, checkpointer, model.head_name)
-    test_batches = evaluation.split_batches(dataset.test, config.eval_batch_size, mesh)
+    step_checkpointer = checkpoints.Checkpointer(workdir, keep=2, folder=checkpoints.STEP_CHECKPOINT_DIR)
+    state, position = warm_start.restore_run(state, config, [checkpointer, step_checkpointer], model.head_name)
+    last_epoch = position["epoch"]
+    # The newest checkpoint's (step, folder); a run stopped at another step saves one first.
+    saved = (int(state.step), position["path"]) if "path" in position else (-1, None)
+    test_set = evaluation.TestBatches(test_feed, config.eval_batch_size, capacity, mesh)
 
     if is_main_process:
         workdir_lib.record_start(workdir, config.to_dict(), last_epoch, changes)
-        print(f"number of training examples = {num_train}\nnumber of test examples = {len(dataset.test)}\n"
-              f"data: {dataset.train.source}, {dataset.test.source}\n"
+        print(f"number of training examples = {num_train}\nnumber of test examples = {len(test_feed)}\n"
+              f"data: {train_feed.description}, {test_feed.description} ({sources.num_classes} classes)\n"
               f"model: {describe_model(config)}, {mesh.size} "
               f"{jax.default_backend()} device(s), {steps_per_epoch} steps of {config.batch_size} per epoch\n"
               f"{totals_line(checkpoints.split_state(state)[0])}")
 
-    # Compiled once, for the shapes of the test set, when first needed (after the first epoch).
+    # Compiled once per shape of the test chunks, when first needed (after the first epoch).
     evaluate = evaluation.Evaluator(model.apply, config.num_classes, programs, config.normalization)
 
     def test_metrics():
-        return evaluate(checkpoints.split_state(state)[0], test_batches)
+        return evaluate.over(checkpoints.split_state(state)[0], test_set)
 
     def ema_test_metrics() -> dict:  # the moving average of the weights, where the run keeps one
-        return evaluate(state.ema, test_batches) if state.ema is not None else {}
+        return evaluate.over(state.ema, test_set) if state.ema is not None else {}
+
+    def save_within_epoch(state, epoch: int, batches_done: int, totals: dict) -> None:
+        nonlocal saved
+        checkpoints.save_state(step_checkpointer, int(state.step), state, config,
+                               progress={"epoch": epoch - 1, "batch": batches_done, "seed": config.seed,
+                                         "totals": totals}, dataset=dataset_record)
+        saved = (int(state.step), step_checkpointer.root / str(int(state.step)))
 
     writer = metrics.MetricsWriter(workdir, enabled=is_main_process)
     records = writer.keep_epochs_before(last_epoch + 1)
     for epoch in range(last_epoch + 1, config.num_epochs + 1):
         epoch_start = time.perf_counter()
-        # This process's first epoch starts with one step alone: its result (or error) shows at once.
         first_epoch = epoch == last_epoch + 1
-        lengths = chunk_lengths(steps_per_epoch, capacity, first=1 if first_epoch else None)
+        begin = position["batch"] if first_epoch else 0
+        # This process's first epoch starts with one step alone: its result (or error) shows at once.
+        lengths, save_after = call_plan(steps_per_epoch, begin, capacity, 1 if first_epoch else None,
+                                        config.checkpoint_every_steps, int(state.step))
         profile = None
-        if config.profile_steps and first_epoch:
+        if config.profile_steps and first_epoch and not begin:
             # After that step (compiled, warm): a call of profile_steps steps, traced by process 0.
             # Every process makes the same calls, as a sharded program needs.
             lengths = [1, *chunk_lengths(steps_per_epoch - 1, capacity, first=config.profile_steps)]
-            profile = (1, workdir / "profile") if is_main_process else None
-        state, train = train_epoch(train_chunk, state, dataset.train, epoch, config, mesh, lengths,
-                                   capacity, show_progress=is_main_process, profile=profile)
+            save_after, profile = set(), ((1, workdir / "profile") if is_main_process else None)
+        state, totals, done, stopped = train_epoch(
+            train_chunk, state, train_feed, epoch, config, mesh, lengths, capacity,
+            show_progress=is_main_process, profile=profile, begin=begin,
+            totals=position.get("totals") if begin else None, save_after=save_after,
+            save=lambda state, done, totals: save_within_epoch(state, epoch, done, totals), stop=stop)
+        if stopped:
+            if int(state.step) != saved[0]:
+                save_within_epoch(state, epoch, done, {name: totals[name] for name in SUMMED})
+            writer.close()
+            raise preemption.Preempted(
+                f"stopped by {stop.name} at step {int(state.step)} (epoch {epoch}, {done} of {steps_per_epoch} "
+                f"batches done); checkpoint {saved[1]}; rerun the same command to resume", stop.signum or 15)
+        train = steps.summarize({name: totals[name] for name in SUMMED})
         if profile is not None:
             print(f"profile of {config.profile_steps} steps: {profile[1]} (tensorboard --logdir={profile[1]}, "
                   "or perfetto_trace.json.gz in ui.perfetto.dev)", flush=True)
@@ -241,9 +307,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh) 
             raise TrainingDiverged(f"training diverged: the test loss is {test['loss']} after epoch {epoch} (the "
                                    f"weights give non-finite outputs in inference mode); no checkpoint was "
                                    f"written for it (try a lower config.learning_rate)")
+        trained_here = num_train - (position.get("totals") or {}).get("count", 0) if begin else num_train
         record = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                   "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-                  "seconds": seconds, "images_per_second": num_train / seconds}
+                  "seconds": seconds, "images_per_second": trained_here / seconds}
         ema_test = ema_test_metrics()
         if ema_test:
             record.update(ema_test_loss=ema_test["loss"], ema_test_accuracy=ema_test["accuracy"])
@@ -252,24 +319,29 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh) 
         if is_main_process:
             print(metrics.keras_line(record, config.num_epochs, steps_per_epoch), flush=True)
         if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs:
-            checkpoints.save_state(checkpointer, epoch, state, config)
+            checkpoints.save_state(checkpointer, epoch, state, config, dataset=dataset_record)
+            saved = (int(state.step), checkpointer.root / str(epoch))
     writer.close()
     checkpointer.close()
+    step_checkpointer.close()
 
     test = test_metrics()
-    unseen = input_pipeline.unseen_test_examples(dataset)
     variables = checkpoints.split_state(state)[0]
-    unseen_test = evaluate(variables, evaluation.split_batches(
-        dataset.test, config.eval_batch_size, mesh, examples=unseen, num_batches=len(test_batches["mask"])))
     if config.bn_recalibration_batches:
-        recalibrated = evaluate(recalibrate_batch_stats(model, variables, dataset.train, config, mesh), test_batches)
+        recalibrated = evaluate.over(recalibrate_batch_stats(model, variables, train_feed, config), test_set)
     last = records[-1] if records else {}
     epoch_seconds = [r["seconds"] for r in records]
     summary = {
         "test_loss": test["loss"],
         "test_accuracy": test["accuracy"],
-        "test_accuracy_unseen": unseen_test["accuracy"],
-        "test_examples_unseen": unseen_test["count"],
+    }
+    if isinstance(test_feed, feeds.InMemoryFeed) and config.dataset == "signs":
+        unseen = input_pipeline.unseen_test_examples(input_pipeline.Dataset(
+            train_feed.split, test_feed.split, config.num_classes))
+        unseen_test = evaluate(variables, evaluation.split_batches(
+            test_feed.split, config.eval_batch_size, mesh, examples=unseen, num_batches=test_set.num_batches))
+        summary.update(test_accuracy_unseen=unseen_test["accuracy"], test_examples_unseen=unseen_test["count"])
+    summary.update({
         "train_loss": last.get("train_loss"),
         "train_accuracy": last.get("train_accuracy"),
         "epochs": len(records),
@@ -284,7 +356,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh) 
         "variant": config.variant,
         "dtype": config.dtype,
         "conv_impl": models.resolved_conv_impl(config),
-    }
+        "dataset": config.dataset,
+        "class_names": sources.class_names,
+    })
     ema_test = ema_test_metrics()
     if ema_test:
         summary.update(ema_test_loss=ema_test["loss"], ema_test_accuracy=ema_test["accuracy"])
@@ -292,10 +366,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh) 
         summary.update(bn_recalibration_batches=config.bn_recalibration_batches,
                        recalibrated_test_loss=recalibrated["loss"],
                        recalibrated_test_accuracy=recalibrated["accuracy"])
+    if jax.process_count() > 1:
+        print(f"process {jax.process_index()}: decoded {train_feed.decoded} training and {test_feed.decoded} "
+              "test images", flush=True)
     if is_main_process:
         metrics.write_json(workdir / "summary.json", summary)
         if records:
-            metrics.plot_curves(records, workdir / "curves.png", title=f"{config.model} on SIGNS")
+            metrics.plot_curves(records, workdir / "curves.png", title=f"{config.model} on {config.dataset}")
         print(f"Test Loss = {test['loss']:.4f}\nTest Accuracy = {test['accuracy']:.4f}", flush=True)
         if ema_test:
             print(f"With the moving average of the weights (decay {config.ema_decay}): Test Loss = "

@@ -10,24 +10,33 @@ from resnet_flax import checkpoints, models, runtime
 from resnet_flax.errors import UserError
 
 
-def restore_run(state, config: ml_collections.ConfigDict, checkpointer: checkpoints.Checkpointer,
+def restore_run(state, config: ml_collections.ConfigDict, checkpointers: list[checkpoints.Checkpointer],
                 head_name: str):
-    """Resumes from the workdir's newest good checkpoint, else starts from ``config.restore_from``
-    if set, else keeps the fresh ``state``. Returns the state and the last completed epoch.
-    ``head_name`` is the model's output layer (``model.head_name``)."""
+    """Resumes from the workdir's newest good checkpoint (of ``checkpointers``: after epochs and
+    within them, the one at the later step), else starts from ``config.restore_from`` if set,
+    else keeps the fresh ``state``. Returns the state and where training stands: ``{"epoch"``: the
+    epochs completed, ``"batch"``: the batches of the next one trained on, ``"totals"``: that
+    epoch's sums so far``}``. ``head_name`` is the model's output layer (``model.head_name``)."""
     variables, optimizer = (runtime.abstract(tree) for tree in checkpoints.split_state(state))
     ema = runtime.abstract(state.ema) if state.ema is not None else None
-    restored = checkpointer.restore_latest(variables, optimizer, ema)
-    if restored is not None:
-        variables, optimizer, restored_ema, epoch = restored
-        print(f"Resuming from {checkpointer.root / str(epoch)} (epoch {epoch})", flush=True)
+    newest_first = sorted(checkpointers, key=lambda c: c.newest_step() or -1, reverse=True)
+    for checkpointer in newest_first:
+        restored = checkpointer.restore_latest(variables, optimizer, ema)
+        if restored is None:
+            continue
+        variables, optimizer, restored_ema, progress = restored
+        where = f"epoch {progress['epoch']}" if not progress["batch"] else \
+            f"epoch {progress['epoch'] + 1}, after batch {progress['batch']}"
+        print(f"Resuming from {checkpointer.root / str(progress['key'])} ({where})", flush=True)
         if ema is not None and restored_ema is None:
             print("That checkpoint holds no moving average of the weights: it starts from them", flush=True)
             restored_ema = jax.tree.map(jnp.copy, variables)
-        return state.replace(**variables, **optimizer, ema=restored_ema), epoch
+        progress["path"] = checkpointer.root / str(progress["key"])
+        return state.replace(**variables, **optimizer, ema=restored_ema), progress
+    fresh = {"epoch": 0, "batch": 0}
     if config.restore_from:
-        return start_from(state, config, variables, optimizer, head_name), 0
-    return state, 0
+        return start_from(state, config, variables, optimizer, head_name), fresh
+    return state, fresh
 
 
 def start_from(state, config, variables, optimizer, head_name: str):

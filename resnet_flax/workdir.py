@@ -32,7 +32,8 @@ HISTORY_FILE = "history.jsonl"
 # starts (read only when there is no checkpoint yet): none of these makes it another run.
 RESUMABLE_CHANGES = ("num_epochs", "data_dir", "data_format", "compilation_cache_dir", "checkpoint_every_epochs",
                      "keep_checkpoints", "bn_recalibration_batches", "restore_from", "restore_optimizer",
-                     "allow_config_change", "profile_steps")
+                     "allow_config_change", "profile_steps", "data_threads", "bad_images",
+                     "checkpoint_every_steps")
 
 
 def _now() -> str:

@@ -1,0 +1,170 @@
+"""Batches of a split as global device arrays, a chunk of steps at a time. Each process reads,
+decodes and transfers only the rows of each global batch that its own devices hold.
+
+- ``InMemoryFeed`` (SIGNS): the rows gathered from the arrays in memory (``runtime.gather_batches``).
+- ``StreamingFeed`` (image folders, TFDS): a grain pipeline over this process's rows of the plan:
+  files decoded and preprocessed in ``config.data_threads`` threads, a few batches prefetched,
+  nothing else resident; memory does not grow with the dataset.
+
+A plan is ``(indices, mask)`` of shape (steps, batch) (``input_pipeline.batch_indices``): for
+training, the order of (seed, epoch) alone, so a run resumed at batch k of an epoch feeds exactly
+the batches an uninterrupted run would have fed from there.
+"""
+
+import os
+import sys
+import threading
+from collections.abc import Iterator
+
+import grain
+import jax
+import numpy as np
+
+from resnet_flax import input_pipeline, preprocessing, runtime
+from resnet_flax.errors import UserError
+
+BAD_IMAGES = ("fail", "skip")
+
+
+def local_columns(mesh, batch_size: int) -> np.ndarray:
+    """The positions within a global batch that this process's devices hold, ascending."""
+    index_map = runtime.along_batch(mesh).addressable_devices_indices_map((1, batch_size))
+    columns = {c for index in index_map.values() for c in range(*index[1].indices(batch_size))}
+    return np.asarray(sorted(columns), np.int64)
+
+
+def to_global(local: dict[str, np.ndarray], columns: np.ndarray, batch_size: int, mesh) -> dict[str, jax.Array]:
+    """Arrays of shape (steps, len(columns), ...) holding this process's rows as global arrays of
+    shape (steps, batch_size, ...), split along the batch axis."""
+    sharding = runtime.along_batch(mesh)
+    position = np.full(batch_size, -1, np.int64)
+    position[columns] = np.arange(len(columns))
+
+    def build(array):
+        def rows(index):
+            wanted = position[np.arange(batch_size)[index[1]]]
+            if wanted[0] >= 0 and np.array_equal(wanted, np.arange(wanted[0], wanted[0] + len(wanted))):
+                return array[index[0], wanted[0]:wanted[0] + len(wanted)]  # contiguous: a view
+            return array[index[0]][:, wanted]
+
+        return jax.make_array_from_callback((array.shape[0], batch_size, *array.shape[2:]), sharding, rows)
+
+    return {name: build(array) for name, array in local.items()}
+
+
+def _chunk_rows(begin: int, length: int, capacity: int) -> np.ndarray:
+    # A short chunk fills the compiled shape with copies of its first batch that never run.
+    return np.r_[begin:begin + length, np.full(capacity - length, begin)]
+
+
+class InMemoryFeed:
+    """Chunks of a split held in memory; nothing to decode."""
+
+    def __init__(self, split: input_pipeline.Split, mesh, description: str | None = None):
+        self.split, self.mesh = split, mesh
+        self.description = description or split.source
+        self.decoded, self.skipped = 0, []
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def chunks(self, indices, mask, lengths, capacity: int, epoch: int = 0, train: bool = True
+               ) -> Iterator[tuple[dict[str, jax.Array], int]]:
+        begin = 0
+        for length in lengths:
+            rows = _chunk_rows(begin, length, capacity)
+            yield runtime.gather_batches(self.split.images, self.split.labels, indices[rows], mask[rows],
+                                         self.mesh), length
+            begin += length
+
+    def report_skipped(self, what: str) -> None:
+        """Nothing is decoded, so nothing is ever left out."""
+
+
+class StreamingFeed:
+    """Chunks of a split decoded on the fly (``datasets.ImageFolderSource``, ``TfdsSource``):
+    a grain ``MapDataset`` over this process's rows of the plan, mapped through decoding and
+    preprocessing to ``image_size``, iterated with ``threads`` threads and a small prefetch.
+
+    Training examples are preprocessed with a generator seeded by (seed, epoch, example index)
+    (``preprocessing.train_image``), evaluation ones deterministically. A file that cannot be
+    decoded stops the run with ``bad_images='fail'``; with 'skip' it is masked out of its batch
+    (as padding is) and listed in ``skipped``.
+    """
+
+    def __init__(self, source, mesh, image_size: int, preprocessing_name: str, seed: int,
+                 threads: int = 0, bad_images: str = "fail"):
+        if bad_images not in BAD_IMAGES:
+            raise UserError(f"config.bad_images must be one of {BAD_IMAGES}, got {bad_images!r}")
+        self.source, self.mesh, self.image_size = source, mesh, image_size
+        self.preprocessing, self.seed, self.bad_images = preprocessing_name, seed, bad_images
+        self.threads = threads or os.cpu_count() or 1
+        self.description = source.description
+        self.decoded, self.skipped = 0, []  # counted by this process: the rows it decoded
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _example(self, index: int, valid: bool, epoch: int, train: bool) -> dict[str, np.ndarray]:
+        blank = {"image": np.zeros((self.image_size, self.image_size, 3), np.uint8),
+                 "label": np.int32(0), "mask": np.bool_(False)}
+        if not valid:
+            return blank
+        try:
+            image, label = self.source.read(index)
+        except UserError as e:
+            if self.bad_images == "fail":
+                raise UserError(f"{e} (config.bad_images='skip' leaves such files out)") from None
+            with self._lock:
+                self.skipped.append(str(e))
+            return blank
+        if train:
+            rng = np.random.default_rng([self.seed, epoch, index])
+            image = preprocessing.train_image(image, self.image_size, self.preprocessing, rng)
+        else:
+            image = preprocessing.eval_image(image, self.image_size, self.preprocessing)
+        with self._lock:
+            self.decoded += 1
+        return {"image": image, "label": np.int32(label), "mask": np.bool_(True)}
+
+    def chunks(self, indices, mask, lengths, capacity: int | None, epoch: int = 0, train: bool = True
+               ) -> Iterator[tuple[dict[str, jax.Array], int]]:
+        """Global arrays of ``lengths[i]`` batches of the plan, one after the other, filled up to
+        ``capacity`` batches (None: as long as each call), and each one's length."""
+        batch_size = indices.shape[1]
+        columns = local_columns(self.mesh, batch_size)
+        steps = sum(lengths)
+        local_indices = indices[:steps, columns].reshape(-1)
+        local_mask = mask[:steps, columns].reshape(-1)
+        dataset = grain.MapDataset.range(len(local_indices)).map(
+            lambda i: self._example(int(local_indices[i]), bool(local_mask[i]), epoch, train))
+        options = grain.ReadOptions(num_threads=self.threads,
+                                    prefetch_buffer_size=max(2 * len(columns), 2 * self.threads))
+        batches = iter(dataset.to_iter_dataset(options).batch(len(columns)))
+        for length in lengths:
+            local = [next(batches) for _ in range(length)]
+            local += [local[0]] * ((capacity or length) - length)
+            stacked = {name: np.stack([b[name] for b in local]) for name in ("image", "label", "mask")}
+            yield to_global(stacked, columns, batch_size, self.mesh), length
+
+    def report_skipped(self, what: str) -> None:
+        """One warning line for the files left out since the last report."""
+        with self._lock:
+            skipped, self.skipped = self.skipped, []
+        if skipped:
+            print(f"warning: {what}: left out {len(skipped)} undecodable image(s), e.g. {skipped[0]}",
+                  file=sys.stderr, flush=True)
+
+
+def make_feed(source, config, mesh):
+    """The feed for a ``datasets`` source: in memory for SIGNS, streaming otherwise."""
+    if source.in_memory:
+        return InMemoryFeed(source.split, mesh, source.description)
+    return StreamingFeed(source, mesh, config.image_size, config.preprocessing, config.seed,
+                         threads=config.data_threads, bad_images=config.bad_images)
+
+
+def chunked(num_batches: int, capacity: int) -> list[int]:
+    """``num_batches`` in calls of ``capacity``, the last one shorter."""
+    return [min(capacity, num_batches - begin) for begin in range(0, num_batches, capacity)]

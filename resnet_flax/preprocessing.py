@@ -1,0 +1,69 @@
+"""Images of any size to the model's ``image_size``, on the host, as ``config.preprocessing`` says:
+
+- ``'resize'``: the whole image resized (bilinear, antialiased), in training and evaluation; an
+  image already at the size is kept as it is (SIGNS, where ``config.augment`` adds the on-device
+  shifts and flips).
+- ``'imagenet'``: the standard pair. Training: torchvision's ``RandomResizedCrop`` (a crop of
+  8-100% of the area, aspect ratio 3/4-4/3, resized) and a horizontal flip half of the time.
+  Evaluation: the shorter side resized to ``image_size / 0.875``, then the centre crop
+  (``input_pipeline.resize_image``).
+
+Training draws its randomness from the generator it is given: the pipeline seeds one per
+(seed, epoch, example), so which worker or process decodes an example changes nothing.
+"""
+
+import math
+
+import numpy as np
+from PIL import Image
+
+from resnet_flax.input_pipeline import resize_image
+
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def random_crop_box(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(top, left, crop height, crop width) as torchvision's ``RandomResizedCrop.get_params``
+    draws them: ten tries at a random area and aspect ratio, else the centre crop of the nearest
+    allowed ratio."""
+    area = height * width
+    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*CROP_SCALE)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < CROP_RATIO[0]:
+        w, h = width, int(round(width / CROP_RATIO[0]))
+    elif in_ratio > CROP_RATIO[1]:
+        h, w = height, int(round(height * CROP_RATIO[1]))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator, flip: bool = True) -> np.ndarray:
+    """uint8 (H, W, 3) to (size, size, 3): a ``random_crop_box`` resized (bilinear, antialiased,
+    in one PIL call), then mirrored left-right with probability 1/2."""
+    top, left, h, w = random_crop_box(*image.shape[:2], rng)
+    crop = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR,
+                                         box=(left, top, left + w, top + h))
+    out = np.asarray(crop)
+    if flip and rng.random() < 0.5:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
+
+
+def train_image(image: np.ndarray, size: int, preprocessing: str, rng: np.random.Generator) -> np.ndarray:
+    if preprocessing == "imagenet":
+        return random_resized_crop(image, size, rng)
+    return resize_image(image, size, "resize")
+
+
+def eval_image(image: np.ndarray, size: int, preprocessing: str) -> np.ndarray:
+    return resize_image(image, size, preprocessing)
+
