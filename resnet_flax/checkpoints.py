@@ -281,10 +281,11 @@ def save_state(checkpointer: Checkpointer, key: int, state, config: ml_collectio
 
 def class_names(path: str | Path, epoch: int, num_classes: int) -> list[str]:
     """The class names saved with a checkpoint; '0', '1', ... for one saved without them."""
-    manager = _manager(checkpoint_root(path), read_only=True)
+    root = checkpoint_root(path)
+    if not (root / str(epoch) / "dataset").is_dir():
+        return [str(i) for i in range(num_classes)]
+    manager = _manager(root, read_only=True)
     try:
-        if manager.item_metadata(epoch).get("dataset") is None:
-            return [str(i) for i in range(num_classes)]
         saved = manager.restore(epoch, args=ocp.args.Composite(dataset=ocp.args.JsonRestore()))["dataset"]
     finally:
         manager.close()

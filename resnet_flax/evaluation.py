@@ -30,11 +30,12 @@ def inference_kernels(apply_fn, variables: Mapping, images: jax.Array, normaliza
     return dict(derived)
 
 
-def evaluate_batches(apply_fn, num_classes: int, normalization: str = "unit"):
+def evaluate_batches(apply_fn, num_classes: int, normalization: str = "unit", confusion: bool = False):
     """``(variables, batches) -> (sums, kernels)``: the sums over all of ``batches`` (arrays of
     shape (steps, batch, ...)), to be compiled as one program, and the ``inference_kernels`` it
-    derived first."""
-    step = functools.partial(steps.eval_step, apply_fn, num_classes=num_classes, normalization=normalization)
+    derived first; with ``confusion``, the sums hold the confusion matrix too."""
+    step = functools.partial(steps.eval_step, apply_fn, num_classes=num_classes, normalization=normalization,
+                             confusion=confusion)
 
     def evaluate(variables, batches):
         kernels = inference_kernels(apply_fn, variables, batches["image"][0], normalization)
@@ -44,10 +45,10 @@ def evaluate_batches(apply_fn, num_classes: int, normalization: str = "unit"):
     return evaluate
 
 
-def evaluation_program(apply_fn, num_classes: int, normalization: str = "unit"):
+def evaluation_program(apply_fn, num_classes: int, normalization: str = "unit", confusion: bool = False):
     """``evaluate_batches`` jitted with ``runtime.evaluation_compiler_options()`` (so it must not be
     called inside another jit)."""
-    return jax.jit(evaluate_batches(apply_fn, num_classes, normalization),
+    return jax.jit(evaluate_batches(apply_fn, num_classes, normalization, confusion),
                    compiler_options=runtime.evaluation_compiler_options())
 
 
@@ -88,12 +89,13 @@ class Evaluator:
 
     The program is compiled once per shape of its arguments, when first needed, through
     ``programs`` (a run's ``program_cache.ProgramCache``) when given; ``compile_seconds`` adds up
-    the time that took.
+    the time that took. ``confusion``: the sums also hold the confusion matrix (``total_sums``).
     """
 
     def __init__(self, apply_fn, num_classes: int, programs: program_cache.ProgramCache | None = None,
-                 normalization: str = "unit"):
+                 normalization: str = "unit", confusion: bool = False):
         self._apply_fn, self._num_classes, self._normalization = apply_fn, num_classes, normalization
+        self._confusion = confusion
         self._programs = programs
         self._compiled: dict[str, jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
@@ -122,11 +124,12 @@ class Evaluator:
             start = time.perf_counter()
             args = runtime.abstract(dict(variables)), runtime.abstract(dict(batches))
             if self._programs is None:
-                program = evaluation_program(self._apply_fn, self._num_classes,
-                                             self._normalization).lower(*args).compile()
+                program = evaluation_program(self._apply_fn, self._num_classes, self._normalization,
+                                             self._confusion).lower(*args).compile()
             else:
-                program = self._programs.compile("evaluate", evaluate_batches(self._apply_fn, self._num_classes,
-                                                                              self._normalization),
+                name = "evaluate_confusion" if self._confusion else "evaluate"
+                program = self._programs.compile(name, evaluate_batches(self._apply_fn, self._num_classes,
+                                                                        self._normalization, self._confusion),
                                                  *args, compiler_options=runtime.evaluation_compiler_options())
             self._compiled[key] = program
             self.compile_seconds += time.perf_counter() - start

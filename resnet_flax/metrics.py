@@ -9,6 +9,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import tqdm
 
 EPOCH_FIELDS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
@@ -101,6 +102,30 @@ def plot_curves(records: Sequence[Mapping[str, float]], path: Path, title: str =
         ax.legend()
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path, title: str = "") -> None:
+    """A confusion matrix (rows: true class, columns: predicted) as a PNG, each row as fractions of
+    its class, the counts written in the cells when there are few classes."""
+    n = len(class_names)
+    fractions = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = min(4 + 0.45 * n, 30)
+    fig = _figure(figsize=(size + 1.5, size))
+    ax = fig.subplots()
+    image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if n <= 40:
+        ax.set_xticks(range(n), class_names, rotation=90 if n > 8 else 0, fontsize=8)
+        ax.set_yticks(range(n), class_names, fontsize=8)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if fractions[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

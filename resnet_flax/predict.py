@@ -8,7 +8,9 @@ pixels / 255, or then ImageNet's mean and std). The assignment's own example use
 ``preprocess_input`` (ImageNet mean subtraction) at prediction time but not in training, and got
 the wrong class; here the one ``input_pipeline.normalize`` serves both.
 
-Prints per image the class and the probability vector (``--json``: one JSON object per line).
+Prints per image the class (its name, as the training data named it: a class folder's name, or
+SIGNS's digit) and the probability vector (``--json``: one JSON object per line, with ``class``
+the index and ``name`` the name).
 A folder stands for the images in it, in sorted order (``--recursive``: in its subfolders too). A
 file that cannot be classified gets its own error line; the others are still classified, and the
 exit status is 1 if any failed.
@@ -67,7 +69,7 @@ def expand_folders(paths, recursive: bool = False) -> list[Path]:
 
 
 def classify(trained: pretrained.Trained, paths) -> list[dict]:
-    """One result per path: ``{"file", "class", "probabilities"}`` or ``{"file", "error"}``."""
+    """One result per path: ``{"file", "class", "name", "probabilities"}`` or ``{"file", "error"}``."""
     results, images = [], []
     for path in paths:
         try:
@@ -80,7 +82,9 @@ def classify(trained: pretrained.Trained, paths) -> list[dict]:
         for result in results:
             if "error" not in result:
                 p = next(probabilities)
-                result.update({"class": int(np.argmax(p)), "probabilities": [float(x) for x in p]})
+                best = int(np.argmax(p))
+                result.update({"class": best, "name": trained.class_names[best],
+                               "probabilities": [float(x) for x in p]})
     return results
 
 
@@ -89,7 +93,7 @@ def format_result(result: dict) -> str:
         return f"error: {result['error']}"
     vector = ", ".join(f"{p:.4f}" for p in result["probabilities"])
     last = len(result["probabilities"]) - 1
-    return (f"{result['file']}: class {result['class']} (p = {max(result['probabilities']):.4f}); "
+    return (f"{result['file']}: class {result['name']} (p = {max(result['probabilities']):.4f}); "
             f"[p(0)..p({last})] = [{vector}]")
 
 

@@ -24,6 +24,7 @@ class Trained:
     variables: dict
     config: ml_collections.ConfigDict
     epoch: int
+    class_names: list[str]  # saved with the checkpoint; '0', '1', ... where none were
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities for uint8 images (N, H, W, 3), preprocessed exactly as in training."""
@@ -54,7 +55,8 @@ def load(workdir: str | Path, epoch: int | None = None, ema: bool = False) -> Tr
         model = models.model_from_config(config)
         variables, _ = checkpoints.read_variables(workdir, epoch, abstract_variables(model, config.image_size),
                                                   item="ema" if ema else "variables")
-        return Trained(model, variables, config, epoch)
+        return Trained(model, variables, config, epoch,
+                       checkpoints.class_names(workdir, epoch, config.num_classes))
 
     return checkpoints.newest_restorable(workdir, restore, epoch)
 

@@ -178,18 +178,24 @@ def moving_average(average, value, decay: float):
 
 
 def eval_step(apply_fn, variables: Mapping, batch: Mapping[str, jax.Array], *, num_classes: int,
-              normalization: str = "unit"):
-    """Inference-mode sums on a batch (running BatchNorm statistics, nothing updated)."""
+              normalization: str = "unit", confusion: bool = False):
+    """Inference-mode sums on a batch (running BatchNorm statistics, nothing updated); with
+    ``confusion`` also the confusion matrix's counts (row: true class, column: predicted)."""
     logits = apply_fn(variables, input_pipeline.normalize(batch["image"], normalization), train=False)
     per_example = cross_entropy(logits, batch["label"], num_classes)
-    return example_sums(per_example, logits, batch["label"], batch["mask"])
+    sums = example_sums(per_example, logits, batch["label"], batch["mask"])
+    if confusion:
+        truth = jax.nn.one_hot(batch["label"], num_classes) * batch["mask"][:, None]
+        predicted = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)
+        sums["confusion"] = truth.T @ predicted
+    return sums
 
 
 def scan_batches(step_fn, carry, batches):
     """Runs ``step_fn(carry, batch)`` over the leading (step) axis of ``batches`` and adds up the
     per-step sums."""
     carry, sums = lax.scan(step_fn, carry, batches)
-    return carry, jax.tree.map(jnp.sum, sums)
+    return carry, jax.tree.map(lambda per_step: jnp.sum(per_step, axis=0), sums)
 
 
 def nonfinite_state(state: TrainState) -> dict[str, jax.Array]:
@@ -269,7 +275,7 @@ def compile_train_chunk(config, state: TrainState, batches, steps_per_epoch: int
 
 def summarize(sums: Mapping[str, Any]) -> dict[str, float]:
     """Mean loss and accuracy from summed ones, or per-step ones (NaN when no example was counted)."""
-    sums = {name: float(np.sum(value, dtype=np.float64)) for name, value in jax.device_get(dict(sums)).items()}
+    sums = {name: float(np.sum(jax.device_get(sums[name]), dtype=np.float64)) for name in ("loss_sum", "correct", "count")}
     count = sums["count"]
     mean = (lambda total: total / count) if count else (lambda total: math.nan)
     return {"loss": mean(sums["loss_sum"]), "accuracy": mean(sums["correct"]), "count": int(count)}
