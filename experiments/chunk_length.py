@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from resnet_flax import config as config_lib
-from resnet_flax import checkpoints, evaluation, input_pipeline, models, program_cache, runtime, train
+from resnet_flax import checkpoints, evaluation, feeds, input_pipeline, models, program_cache, runtime, train
 
 HERE = Path(__file__).resolve().parent
 LENGTHS = (1, 2, 4, 8, 16)
@@ -66,7 +66,7 @@ def main() -> int:
     split = input_pipeline.Split(rng.integers(0, 256, (1080, 64, 64, 3), dtype=np.uint8),
                                  rng.integers(0, 6, 1080).astype(np.int32), "random uint8")
     indices, mask = input_pipeline.batch_indices(input_pipeline.epoch_order(0, 1, 1080), 32)
-    calls = {n: train.gather_chunk(split, indices, mask, 0, n, capacity, mesh) for n in LENGTHS}
+    calls = {n: feeds.gather_chunk(split, indices, mask, 0, n, capacity, mesh) for n in LENGTHS}
     state, sums = train_chunk(state, *calls[1])  # warm-up
     jax.block_until_ready(sums)
 

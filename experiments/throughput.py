@@ -101,7 +101,7 @@ def worker_jax(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
     from resnet_flax import config as config_lib
-    from resnet_flax import (checkpoints, evaluation, input_pipeline, models, program_cache, runtime, steps,
+    from resnet_flax import (checkpoints, evaluation, feeds, input_pipeline, models, program_cache, runtime, steps,
                              train)
 
     compilation_cache = runtime.enable_compilation_cache(args.cache_dir) if args.cache_dir else None
@@ -131,7 +131,7 @@ def worker_jax(args) -> dict:
     epoch_chunks = list(zip(np.cumsum([0] + lengths[:-1]), lengths))
 
     def run_chunk(state, begin, length):
-        return train_chunk(state, *train.gather_chunk(split, indices, mask, begin, length, capacity, mesh))
+        return train_chunk(state, *feeds.gather_chunk(split, indices, mask, begin, length, capacity, mesh))
 
     # Cold compile of the training chunk: this process has compiled nothing of this model before,
     # and the driver gives the first process an empty compilation cache (it strips

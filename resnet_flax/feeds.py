@@ -52,9 +52,15 @@ def to_global(local: dict[str, np.ndarray], columns: np.ndarray, batch_size: int
     return {name: build(array) for name, array in local.items()}
 
 
-def _chunk_rows(begin: int, length: int, capacity: int) -> np.ndarray:
+def gather_chunk(split: input_pipeline.Split, indices: np.ndarray, mask: np.ndarray, begin: int,
+                 length: int, capacity: int, mesh) -> tuple[dict[str, jax.Array], jax.Array]:
+    """The arguments of a training chunk compiled for ``capacity`` batches that runs the ``length``
+    batches of ``indices``/``mask`` from ``begin``, from a split in memory: the batches, and the
+    number of steps."""
     # A short chunk fills the compiled shape with copies of its first batch that never run.
-    return np.r_[begin:begin + length, np.full(capacity - length, begin)]
+    rows = np.r_[begin:begin + length, np.full(capacity - length, begin)]
+    batches = runtime.gather_batches(split.images, split.labels, indices[rows], mask[rows], mesh)
+    return batches, runtime.replicated_scalar(np.int32(length), mesh)
 
 
 class InMemoryFeed:
@@ -72,9 +78,8 @@ class InMemoryFeed:
                ) -> Iterator[tuple[dict[str, jax.Array], int]]:
         begin = 0
         for length in lengths:
-            rows = _chunk_rows(begin, length, capacity)
-            yield runtime.gather_batches(self.split.images, self.split.labels, indices[rows], mask[rows],
-                                         self.mesh), length
+            batches, _ = gather_chunk(self.split, indices, mask, begin, length, capacity or length, self.mesh)
+            yield batches, length
             begin += length
 
     def report_skipped(self, what: str) -> None:

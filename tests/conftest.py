@@ -157,3 +157,25 @@ def batch_of(images, labels, indices, mask=None):
     mask = np.ones(len(indices), bool) if mask is None else mask
     return {"image": jnp.asarray(images[indices]), "label": jnp.asarray(labels[indices]),
             "mask": jnp.asarray(mask)}
+
+
+def write_image_folder(root: Path, classes=("a dog", "b", "c"), per_class=(6, 2), seed=0,
+                       sizes=((40, 30), (23, 57), (64, 64))) -> Path:
+    """An image folder (``root/train``, ``root/test``, one folder per class) of photos of mixed
+    sizes and formats: RGB JPEG and PNG, greyscale PNG, RGBA PNG, BMP; ``per_class`` = (train,
+    test) images per class. Each image's mean colour encodes its class, so a model can learn it."""
+    rng = np.random.default_rng(seed)
+    from PIL import Image
+
+    formats = (("jpg", "RGB"), ("png", "RGB"), ("png", "L"), ("png", "RGBA"), ("bmp", "RGB"))
+    for split, count in zip(("train", "test"), per_class):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                width, height = sizes[(i + label) % len(sizes)]
+                base = 40 + 80 * label
+                pixels = np.clip(base + rng.normal(0, 20, (height, width, 3)), 0, 255).astype(np.uint8)
+                suffix, mode = formats[(i + label) % len(formats)]
+                Image.fromarray(pixels).convert(mode).save(folder / f"{i:03d}.{suffix}")
+    return root

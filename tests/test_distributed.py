@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, checkpoint_trees, smoke_config
-from resnet_flax import pretrained, train
+from conftest import REPO, checkpoint_trees, smoke_config, write_image_folder
+from resnet_flax import input_pipeline, pretrained, train
 
 # Runs in a subprocess with 4 CPU devices: three training steps of the tiny model on a mesh of one
 # device and on a mesh of four, both from the same state and batches.
@@ -151,3 +151,44 @@ def test_two_processes_train_like_one(one_epoch_reference, tmp_path):
 
     assert abs(evaluate_checkpoint(workdir)["test_loss"] - summary["test_loss"]) < 1e-5
     assert trained.epoch == 1
+
+
+@pytest.mark.slow
+def test_two_processes_each_decode_only_their_share_of_an_image_folder(tmp_path):
+    """Two processes of two devices each on an image folder: each decodes only the rows of every
+    global batch that its devices hold (every example once per pass, by one process), and they
+    train like one process."""
+    data_dir = write_image_folder(tmp_path / "data", classes=("a", "b c"), per_class=(20, 6))  # 40 / 12
+    args = ["--config=configs/smoke.py", "--config.dataset=imagefolder", f"--config.data_dir={data_dir}",
+            "--config.num_classes=0", "--config.image_size=32", "--config.preprocessing=imagenet",
+            "--config.batch_size=16", "--config.eval_batch_size=8", "--config.num_epochs=2",
+            "--config.bn_recalibration_batches=0"]
+    alone = subprocess.run([sys.executable, "-m", "resnet_flax.main", *args, f"--workdir={tmp_path / 'one'}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr
+    port = free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "resnet_flax.main", *args, f"--workdir={tmp_path / 'pair'}",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 0, err
+    decoded = []
+    for i, (out, _) in enumerate(outputs):
+        line = next(line for line in out.splitlines() if line.startswith(f"process {i}: decoded"))
+        decoded.append((int(line.split()[3]), int(line.split()[6])))
+    # Process i holds columns [8i, 8i + 8) of each training batch of 16 and [4i, 4i + 4) of each
+    # test batch of 8: count the real rows there, per epoch (and per test pass: 2 epochs + the end).
+    train_mask = input_pipeline.batch_indices(np.arange(40), 16)[1]
+    test_mask = input_pipeline.batch_indices(np.arange(12), 8)[1]
+    for i, (train_rows, test_rows) in enumerate(decoded):
+        assert train_rows == 2 * train_mask[:, 8 * i:8 * i + 8].sum()
+        assert test_rows == 3 * test_mask[:, 4 * i:4 * i + 4].sum()
+    assert sum(d[0] for d in decoded) == 2 * 40 and sum(d[1] for d in decoded) == 3 * 12
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    pair = json.loads((tmp_path / "pair" / "summary.json").read_text())
+    assert pair["process_count"] == 2 and pair["device_count"] == 4 and pair["steps"] == one["steps"]
+    assert pair["class_names"] == one["class_names"] == ["a", "b c"]
+    assert abs(pair["test_loss"] - one["test_loss"]) < 0.01 * one["test_loss"]

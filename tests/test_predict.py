@@ -109,4 +109,4 @@ def test_command_line(smoke_run, tmp_path, signs_jpg_dir):
                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert mixed.returncode == 1
     lines = [json.loads(line) for line in mixed.stdout.strip().splitlines()]
-    assert [set(line) - {"file"} for line in lines] == [{"class", "probabilities"}, {"error"}, {"error"}]
+    assert [set(line) - {"file"} for line in lines] == [{"class", "name", "probabilities"}, {"error"}, {"error"}]
