@@ -20,7 +20,6 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import ImageOps
 
 from resnet_flax import input_pipeline
 from resnet_flax.errors import UserError
@@ -58,7 +57,7 @@ class ImageFolderSource:
         return len(self.files)
 
     def read(self, index: int) -> tuple[np.ndarray, int]:
-        image = input_pipeline.read_image(self.files[index], transform=ImageOps.exif_transpose)
+        image = input_pipeline.read_image(self.files[index], transform=input_pipeline.upright)
         return image, int(self.labels[index])
 
 
@@ -77,7 +76,7 @@ class TfdsSource:
         record = self._source[index]
         image = record["image"]
         if isinstance(image, bytes):
-            image = input_pipeline.read_image(io.BytesIO(image), transform=ImageOps.exif_transpose,
+            image = input_pipeline.read_image(io.BytesIO(image), transform=input_pipeline.upright,
                                               name=f"{self.description}[{index}]")
         image = np.asarray(image)
         if image.ndim == 2 or image.shape[-1] == 1:

@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from resnet_flax.errors import UserError
 
@@ -131,6 +131,16 @@ def load_h5_split(path: Path, split: str, num_classes: int, image_size: int | No
     return _check_split(images, labels, str(path), num_classes, image_size)
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation says (a phone photo); itself, uncopied, without one."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
+
+
 def read_image(path, transform=None, name: str | None = None) -> np.ndarray:
     """An image file (a path, or a file object named ``name`` in messages) as uint8 RGB (H, W, 3);
     ``transform`` maps the PIL image first.
@@ -144,7 +154,7 @@ def read_image(path, transform=None, name: str | None = None) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image = transform(image) if transform else image
-                return np.asarray(image.convert("RGB"))
+                return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise UserError(f"{name}: image too large to decode safely ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 from absl import flags
-from PIL import ImageOps
 
 from resnet_flax import checkpoints, cli, input_pipeline, pretrained
 from resnet_flax.errors import UserError
@@ -50,7 +49,7 @@ def load_image(path: str | Path, size: int, preprocessing: str = "resize") -> np
                         "--recursive also searches its subfolders")
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    image = input_pipeline.read_image(path, transform=ImageOps.exif_transpose)
+    image = input_pipeline.read_image(path, transform=input_pipeline.upright)
     return input_pipeline.resize_image(image, size, preprocessing)
 
 
