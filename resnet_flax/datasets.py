@@ -11,8 +11,9 @@
   ArrayRecord format, read through ``tfds.data_source`` (the ``tfds`` extra; no TensorFlow, and
   nothing is downloaded).
 
-A source's ``read(index)`` gives the image as uint8 RGB (H, W, 3) of its own size, upright by its
-EXIF orientation, and its label; an image that cannot be decoded raises a ``UserError`` naming it.
+A source's ``read(index)`` gives the image, decoded as an RGB PIL image of its own size, upright
+by its EXIF orientation, and its label; an image that cannot be decoded raises a ``UserError``
+naming it.
 """
 
 import dataclasses
@@ -20,6 +21,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from resnet_flax import input_pipeline
 from resnet_flax.errors import UserError
@@ -40,8 +42,8 @@ class ArraySource:
     def __len__(self) -> int:
         return len(self.split)
 
-    def read(self, index: int) -> tuple[np.ndarray, int]:
-        return self.split.images[index], int(self.split.labels[index])
+    def read(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.split.images[index]), int(self.split.labels[index])
 
 
 class ImageFolderSource:
@@ -56,8 +58,8 @@ class ImageFolderSource:
     def __len__(self) -> int:
         return len(self.files)
 
-    def read(self, index: int) -> tuple[np.ndarray, int]:
-        image = input_pipeline.read_image(self.files[index], transform=input_pipeline.upright)
+    def read(self, index: int) -> tuple[Image.Image, int]:
+        image = input_pipeline.open_image(self.files[index], transform=input_pipeline.upright)
         return image, int(self.labels[index])
 
 
@@ -72,15 +74,15 @@ class TfdsSource:
     def __len__(self) -> int:
         return len(self._source)
 
-    def read(self, index: int) -> tuple[np.ndarray, int]:
+    def read(self, index: int) -> tuple[Image.Image, int]:
         record = self._source[index]
         image = record["image"]
         if isinstance(image, bytes):
-            image = input_pipeline.read_image(io.BytesIO(image), transform=input_pipeline.upright,
+            image = input_pipeline.open_image(io.BytesIO(image), transform=input_pipeline.upright,
                                               name=f"{self.description}[{index}]")
-        image = np.asarray(image)
-        if image.ndim == 2 or image.shape[-1] == 1:
-            image = np.repeat(image.reshape(*image.shape[:2], 1), 3, axis=-1)
+        else:  # decoded by TFDS after all: (H, W, C) pixels
+            image = np.asarray(image)
+            image = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).convert("RGB")
         return image, int(record["label"])
 
 
@@ -206,6 +208,9 @@ def open_sources(config) -> Sources:
         return open_image_folder(config.data_dir)
     if dataset.startswith(TFDS_PREFIX):
         return open_tfds(dataset[len(TFDS_PREFIX):], config.data_dir)
+    if config.num_classes == 0:
+        raise UserError("config.num_classes=0 (as many as the data has) applies to image folders and TFDS; "
+                        "for SIGNS set its number of classes (6)")
     signs = input_pipeline.load_dataset(config)
     return Sources(ArraySource(signs.train), ArraySource(signs.test),
                    [str(i) for i in range(signs.num_classes)])
@@ -213,11 +218,11 @@ def open_sources(config) -> Sources:
 
 def with_num_classes(config, sources: Sources):
     """``config`` with ``num_classes`` from the data: 0 means "as many as there are classes"; any
-    other number must match."""
+    other number must match (SIGNS's names are its config's classes, its labels checked on load)."""
     if config.num_classes == 0:
         config = config.copy_and_resolve_references()
         config.num_classes = sources.num_classes
-    elif config.num_classes != sources.num_classes and config.dataset != "signs":
+    elif config.num_classes != sources.num_classes:
         names = ", ".join(sources.class_names[:8]) + (", ..." if sources.num_classes > 8 else "")
         raise UserError(f"config.num_classes={config.num_classes}, but {sources.train.description} has "
                         f"{sources.num_classes} classes ({names}); set config.num_classes={sources.num_classes} "

@@ -141,9 +141,9 @@ def upright(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
-def read_image(path, transform=None, name: str | None = None) -> np.ndarray:
-    """An image file (a path, or a file object named ``name`` in messages) as uint8 RGB (H, W, 3);
-    ``transform`` maps the PIL image first.
+def open_image(path, transform=None, name: str | None = None) -> Image.Image:
+    """An image file (a path, or a file object named ``name`` in messages) decoded as an RGB PIL
+    image; ``transform`` maps the PIL image first.
 
     A file PIL cannot decode, a truncated one, and one of more than ``Image.MAX_IMAGE_PIXELS``
     pixels (a decompression bomb: tiny on disk, gigabytes decoded) are each a UserError.
@@ -154,11 +154,18 @@ def read_image(path, transform=None, name: str | None = None) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image = transform(image) if transform else image
-                return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+                image = image if image.mode == "RGB" else image.convert("RGB")
+                image.load()
+                return image
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise UserError(f"{name}: image too large to decode safely ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise UserError(f"{name}: not a readable image ({e})") from None
+
+
+def read_image(path, transform=None, name: str | None = None) -> np.ndarray:
+    """``open_image`` as uint8 RGB pixels (H, W, 3)."""
+    return np.asarray(open_image(path, transform, name))
 
 
 def load_jpg_split(folder: Path, num_classes: int, image_size: int | None = 64) -> Split:
@@ -188,16 +195,16 @@ CROP_FRACTION = 0.875  # ImageNet evaluation: the centre 224 of 256
 PREPROCESSINGS = ("resize", "imagenet")
 
 
-def resize_image(image: np.ndarray, size: int, preprocessing: str = "resize") -> np.ndarray:
-    """uint8 RGB (H, W, 3) to (size, size, 3): 'resize' scales the whole image (bilinear, with
+def resize_pil_image(image: Image.Image, size: int, preprocessing: str = "resize") -> Image.Image:
+    """An RGB PIL image to (size, size): 'resize' scales the whole image (bilinear, with
     antialiasing); 'imagenet' is torchvision's ``Resize(round(size / 0.875))`` then
     ``CenterCrop(size)``: the shorter side to 256 for 224 (the longer one truncated, as
     torchvision does), the centre kept."""
-    height, width = image.shape[:2]
+    width, height = image.size
     if preprocessing == "resize":
         if (height, width) == (size, size):
             return image
-        return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+        return image.resize((size, size), Image.Resampling.BILINEAR)
     if preprocessing != "imagenet":
         raise ValueError(f"preprocessing must be one of {PREPROCESSINGS}, got {preprocessing!r}")
     short = round(size / CROP_FRACTION)
@@ -205,9 +212,16 @@ def resize_image(image: np.ndarray, size: int, preprocessing: str = "resize") ->
         new_height, new_width = short, int(short * width / height)
     else:
         new_height, new_width = int(short * height / width), short
-    resized = np.asarray(Image.fromarray(image).resize((new_width, new_height), Image.Resampling.BILINEAR))
+    resized = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
     top, left = int(round((new_height - size) / 2.0)), int(round((new_width - size) / 2.0))
-    return resized[top:top + size, left:left + size]
+    return resized.crop((left, top, left + size, top + size))
+
+
+def resize_image(image: np.ndarray, size: int, preprocessing: str = "resize") -> np.ndarray:
+    """``resize_pil_image`` for uint8 RGB pixels (H, W, 3)."""
+    if preprocessing == "resize" and image.shape[:2] == (size, size):
+        return image
+    return np.asarray(resize_pil_image(Image.fromarray(image), size, preprocessing))
 
 
 def load_dataset(config, any_size: bool = False) -> Dataset:

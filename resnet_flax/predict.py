@@ -42,15 +42,15 @@ def define_flags() -> None:
 
 def load_image(path: str | Path, size: int, preprocessing: str = "resize") -> np.ndarray:
     """An image file as uint8 RGB (size, size, 3), upright, brought to ``size`` by
-    ``input_pipeline.resize_image`` (resized whole, or 'imagenet': resized and centre-cropped)."""
+    ``input_pipeline.resize_pil_image`` (resized whole, or 'imagenet': resized and centre-cropped)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: a folder without image files ({', '.join(IMAGE_SUFFIXES)}); "
                         "--recursive also searches its subfolders")
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    image = input_pipeline.read_image(path, transform=input_pipeline.upright)
-    return input_pipeline.resize_image(image, size, preprocessing)
+    image = input_pipeline.open_image(path, transform=input_pipeline.upright)
+    return np.asarray(input_pipeline.resize_pil_image(image, size, preprocessing))
 
 
 def expand_folders(paths, recursive: bool = False) -> list[Path]:

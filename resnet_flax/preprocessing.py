@@ -6,9 +6,10 @@
 - ``'imagenet'``: the standard pair. Training: torchvision's ``RandomResizedCrop`` (a crop of
   8-100% of the area, aspect ratio 3/4-4/3, resized) and a horizontal flip half of the time.
   Evaluation: the shorter side resized to ``image_size / 0.875``, then the centre crop
-  (``input_pipeline.resize_image``).
+  (``input_pipeline.resize_pil_image``).
 
-Training draws its randomness from the generator it is given: the pipeline seeds one per
+Images come and go as PIL images until the last step (converting to NumPy and back costs as
+much as the resize). Training draws its randomness from the generator it is given: the pipeline seeds one per
 (seed, epoch, example), so which worker or process decodes an example changes nothing.
 """
 
@@ -17,7 +18,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from resnet_flax.input_pipeline import resize_image
+from resnet_flax.input_pipeline import resize_pil_image
 
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -46,24 +47,23 @@ def random_crop_box(height: int, width: int, rng: np.random.Generator) -> tuple[
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator, flip: bool = True) -> np.ndarray:
-    """uint8 (H, W, 3) to (size, size, 3): a ``random_crop_box`` resized (bilinear, antialiased,
-    in one PIL call), then mirrored left-right with probability 1/2."""
-    top, left, h, w = random_crop_box(*image.shape[:2], rng)
-    crop = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR,
-                                         box=(left, top, left + w, top + h))
-    out = np.asarray(crop)
+def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator, flip: bool = True) -> np.ndarray:
+    """An RGB PIL image to uint8 (size, size, 3): a ``random_crop_box`` resized (bilinear,
+    antialiased, crop and resize in one PIL call), then mirrored left-right with probability 1/2."""
+    top, left, h, w = random_crop_box(image.height, image.width, rng)
+    crop = image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
     if flip and rng.random() < 0.5:
-        out = out[:, ::-1]
-    return np.ascontiguousarray(out)
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(crop)
 
 
-def train_image(image: np.ndarray, size: int, preprocessing: str, rng: np.random.Generator) -> np.ndarray:
+def train_image(image: Image.Image, size: int, preprocessing: str, rng: np.random.Generator) -> np.ndarray:
+    """A training example's pixels: ``random_resized_crop`` for 'imagenet', else resized whole."""
     if preprocessing == "imagenet":
         return random_resized_crop(image, size, rng)
-    return resize_image(image, size, "resize")
+    return np.asarray(resize_pil_image(image, size, "resize"))
 
 
-def eval_image(image: np.ndarray, size: int, preprocessing: str) -> np.ndarray:
-    return resize_image(image, size, preprocessing)
-
+def eval_image(image: Image.Image, size: int, preprocessing: str) -> np.ndarray:
+    """An evaluation example's pixels: resized whole, or resized and centre-cropped ('imagenet')."""
+    return np.asarray(resize_pil_image(image, size, preprocessing))

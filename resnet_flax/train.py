@@ -276,6 +276,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh, 
         epoch_start = time.perf_counter()
         first_epoch = epoch == last_epoch + 1
         begin = position["batch"] if first_epoch else 0
+        carried = position.get("totals") if begin else None  # the epoch's sums before the resume
         # This process's first epoch starts with one step alone: its result (or error) shows at once.
         lengths, save_after = call_plan(steps_per_epoch, begin, capacity, 1 if first_epoch else None,
                                         config.checkpoint_every_steps, int(state.step))
@@ -288,7 +289,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh, 
         state, totals, done, stopped = train_epoch(
             train_chunk, state, train_feed, epoch, config, mesh, lengths, capacity,
             show_progress=is_main_process, profile=profile, begin=begin,
-            totals=position.get("totals") if begin else None, save_after=save_after,
+            totals=carried, save_after=save_after,
             save=lambda state, done, totals: save_within_epoch(state, epoch, done, totals), stop=stop)
         if stopped:
             if int(state.step) != saved[0]:
@@ -307,7 +308,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh, 
             raise TrainingDiverged(f"training diverged: the test loss is {test['loss']} after epoch {epoch} (the "
                                    f"weights give non-finite outputs in inference mode); no checkpoint was "
                                    f"written for it (try a lower config.learning_rate)")
-        trained_here = num_train - (position.get("totals") or {}).get("count", 0) if begin else num_train
+        trained_here = num_train - int(carried["count"]) if carried else num_train
         record = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                   "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                   "seconds": seconds, "images_per_second": trained_here / seconds}
