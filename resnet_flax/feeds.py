@@ -103,7 +103,7 @@ class StreamingFeed:
             raise UserError(f"config.bad_images must be one of {BAD_IMAGES}, got {bad_images!r}")
         self.source, self.mesh, self.image_size = source, mesh, image_size
         self.preprocessing, self.seed, self.bad_images = preprocessing_name, seed, bad_images
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or len(os.sched_getaffinity(0))
         self.description = source.description
         self.decoded, self.skipped = 0, []  # counted by this process: the rows it decoded
         self._lock = threading.Lock()
@@ -111,11 +111,10 @@ class StreamingFeed:
     def __len__(self) -> int:
         return len(self.source)
 
-    def _example(self, index: int, valid: bool, epoch: int, train: bool) -> dict[str, np.ndarray]:
-        blank = {"image": np.zeros((self.image_size, self.image_size, 3), np.uint8),
-                 "label": np.int32(0), "mask": np.bool_(False)}
+    def _example(self, index: int, valid: bool, epoch: int, train: bool) -> tuple[np.ndarray, int] | None:
+        """The example's pixels at ``image_size`` and label; None for padding and left-out files."""
         if not valid:
-            return blank
+            return None
         try:
             image, label = self.source.read(index)
         except UserError as e:
@@ -123,7 +122,7 @@ class StreamingFeed:
                 raise UserError(f"{e} (config.bad_images='skip' leaves such files out)") from None
             with self._lock:
                 self.skipped.append(str(e))
-            return blank
+            return None
         if train:
             rng = np.random.default_rng([self.seed, epoch, index])
             image = preprocessing.train_image(image, self.image_size, self.preprocessing, rng)
@@ -131,7 +130,7 @@ class StreamingFeed:
             image = preprocessing.eval_image(image, self.image_size, self.preprocessing)
         with self._lock:
             self.decoded += 1
-        return {"image": image, "label": np.int32(label), "mask": np.bool_(True)}
+        return image, label
 
     def chunks(self, indices, mask, lengths, capacity: int | None, epoch: int = 0, train: bool = True
                ) -> Iterator[tuple[dict[str, jax.Array], int]]:
@@ -146,12 +145,21 @@ class StreamingFeed:
             lambda i: self._example(int(local_indices[i]), bool(local_mask[i]), epoch, train))
         options = grain.ReadOptions(num_threads=self.threads,
                                     prefetch_buffer_size=max(2 * len(columns), 2 * self.threads))
-        batches = iter(dataset.to_iter_dataset(options).batch(len(columns)))
+        examples = iter(dataset.to_iter_dataset(options, allow_nones=True))
+        size, rows = self.image_size, len(columns)
         for length in lengths:
-            local = [next(batches) for _ in range(length)]
-            local += [local[0]] * ((capacity or length) - length)
-            stacked = {name: np.stack([b[name] for b in local]) for name in ("image", "label", "mask")}
-            yield to_global(stacked, columns, batch_size, self.mesh), length
+            chunk = {"image": np.zeros(((capacity or length), rows, size, size, 3), np.uint8),
+                     "label": np.zeros(((capacity or length), rows), np.int32),
+                     "mask": np.zeros(((capacity or length), rows), bool)}
+            for step in range(length):  # each example written once, into the chunk's arrays
+                for row in range(rows):
+                    example = next(examples)
+                    if example is not None:
+                        chunk["image"][step, row], chunk["label"][step, row] = example
+                        chunk["mask"][step, row] = True
+            for name in chunk:  # a short chunk: copies of its first batch, never run
+                chunk[name][length:] = chunk[name][0]
+            yield to_global(chunk, columns, batch_size, self.mesh), length
 
     def report_skipped(self, what: str) -> None:
         """One warning line for the files left out since the last report."""
