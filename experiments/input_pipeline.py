@@ -65,7 +65,7 @@ IMAGE_SIZE = 224
 CLASSES = 10
 TEST_PER_CLASS = 2  # the training command evaluates on test/; a few images are enough
 SEED = 0
-SIDE = (300, 500)  # each side drawn from this range, so aspect ratios mix as in ImageNet
+DEFAULT_SIDE = (300, 500)  # each side drawn from this range, so aspect ratios mix as in ImageNet
 JPEG_QUALITY = 90
 WARMUP_IMAGES = 200
 WARMUP_EPOCH = 10_000  # an epoch no timed round uses
@@ -79,10 +79,10 @@ VERSIONS = ("jax", "jaxlib", "grain", "numpy", "torch", "torchvision", "pillow")
 # The images
 
 
-def synthetic_photo(rng: np.random.Generator) -> Image.Image:
+def synthetic_photo(rng: np.random.Generator, side: tuple[int, int] = DEFAULT_SIDE) -> Image.Image:
     """An RGB image that compresses like a photo: smooth colour fields at a few scales (small
     random arrays upsampled), plus pixel noise."""
-    width, height = (int(v) for v in rng.integers(SIDE[0], SIDE[1] + 1, size=2))
+    width, height = (int(v) for v in rng.integers(side[0], side[1] + 1, size=2))
 
     def field(cell: int, amplitude: float) -> np.ndarray:
         small = rng.uniform(0, 255, (max(2, height // cell), max(2, width // cell), 3)).astype(np.uint8)
@@ -95,26 +95,27 @@ def synthetic_photo(rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def write_split(folder: Path, count: int, split_number: int) -> None:
+def write_split(folder: Path, count: int, split_number: int, side: tuple[int, int] = DEFAULT_SIDE) -> None:
     """``count`` images in ``folder/<class>/``, image i of class i % CLASSES. Each image has a
     generator of its own, so a folder of 1,000 holds the first 1,000 of a folder of 10,000."""
     for c in range(CLASSES):
         (folder / str(c)).mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        image = synthetic_photo(np.random.default_rng([SEED, split_number, i]))
+        image = synthetic_photo(np.random.default_rng([SEED, split_number, i]), side)
         image.save(folder / str(i % CLASSES) / f"{i:05d}.jpg", quality=JPEG_QUALITY)
 
 
-def image_folder(data_dir: str, images: int) -> Path:
-    """``<data_dir>/<images>`` with ``train/`` and ``test/``, generated unless already complete."""
-    root = Path(data_dir) / str(images)
+def image_folder(data_dir: str, images: int, side: tuple[int, int] = DEFAULT_SIDE) -> Path:
+    """``<data_dir>/<images>`` (``<images>_<min>-<max>`` for another ``side``) with ``train/`` and
+    ``test/``, generated unless already complete."""
+    root = Path(data_dir) / (str(images) if side == DEFAULT_SIDE else f"{images}_{side[0]}-{side[1]}")
     marker = root / ".complete"  # written last: an interrupted generation starts again
     if not marker.exists():
         shutil.rmtree(root, ignore_errors=True)
         print(f"generating {images} training images in {root} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        write_split(root / "train", images, split_number=0)
-        write_split(root / "test", CLASSES * TEST_PER_CLASS, split_number=1)
+        write_split(root / "train", images, split_number=0, side=side)
+        write_split(root / "test", CLASSES * TEST_PER_CLASS, split_number=1, side=side)
         marker.touch()
         print(f"  {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return root
@@ -188,7 +189,7 @@ def images_per_second(pipeline, epoch: int) -> float:
 def measure_throughput(args) -> str:
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = load_average()
-    root = image_folder(args.data_dir, args.images)
+    root = image_folder(args.data_dir, args.images, args.side)
     average_bytes = read_all(root)
     print(f"{args.images} images in {root}/train, {average_bytes / 1e3:.0f} KB on average", file=sys.stderr)
     pipelines = [OurFeed(root, args.workers, args.batch, args.chunk),
@@ -205,6 +206,10 @@ def measure_throughput(args) -> str:
     return throughput_section(args, started, load_before, average_bytes, warmup, rates)
 
 
+def throughput_heading(side: tuple[int, int]) -> str:
+    return f"{THROUGHPUT_HEADING}, {side[0]}-{side[1]} px JPEGs"
+
+
 def throughput_section(args, started, load_before: str, average_bytes: float, warmup: int,
                        rates: dict[str, list[float]]) -> str:
     import multiprocessing
@@ -212,9 +217,9 @@ def throughput_section(args, started, load_before: str, average_bytes: float, wa
     ours, theirs = rates["resnet_flax"], rates["torchvision"]
     median_ours, median_theirs = statistics.median(ours), statistics.median(theirs)
     lines = [
-        THROUGHPUT_HEADING, "",
+        throughput_heading(args.side), "",
         f"{command_line()}, {started:%Y-%m-%d %H:%M} - {datetime.datetime.now(datetime.timezone.utc):%H:%M} UTC. "
-        f"{args.images} JPEGs in 10 classes ({SIDE[0]}-{SIDE[1]} px a side, quality {JPEG_QUALITY}, "
+        f"{args.images} JPEGs in 10 classes ({args.side[0]}-{args.side[1]} px a side, quality {JPEG_QUALITY}, "
         f"{average_bytes / 1e3:.0f} KB on average), read once before the rounds so that both sides read "
         f"them from the page cache; {args.workers} workers, batch {args.batch}. An untimed warm-up pass "
         f"of {warmup} images each, then per round one full pass of resnet_flax, then one of torchvision. "
@@ -371,10 +376,12 @@ def write_report(new: dict[str, str]) -> None:
     """``OUT`` with the sections just measured, and those of the other mode kept from before."""
     old = sections_of(OUT.read_text()) if OUT.exists() else {}
     parts = [TITLE, "", "Written by `experiments/input_pipeline.py`; see its docstring for what is measured."]
-    for heading in (THROUGHPUT_HEADING, RSS_HEADING):
-        section = new.get(heading) or old.get(heading)
-        if section:
-            parts += ["", section]
+    sections = {**old, **new}
+    throughput = sorted((h for h in sections if h.startswith(THROUGHPUT_HEADING)),
+                        key=lambda h: int(h.split("x224, ")[1].split("-")[0]) if "x224, " in h else 0)
+    for heading in (*throughput, RSS_HEADING):
+        if sections.get(heading):
+            parts += ["", sections[heading]]
     OUT.write_text("\n".join(parts) + "\n")
 
 
@@ -389,7 +396,10 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=8, help="batches per chunk of our feed")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rss-sizes", default="1000,10000", help="training images per rss run, comma-separated")
+    parser.add_argument("--side", default=f"{DEFAULT_SIDE[0]},{DEFAULT_SIDE[1]}",
+                        help="the throughput images' sides are drawn from MIN,MAX px (phone photos: 2400,3200)")
     args = parser.parse_args()
+    args.side = tuple(int(v) for v in args.side.split(","))
     args.rss_sizes = [int(s) for s in args.rss_sizes.split(",") if s.strip()]
     if min(args.images, args.workers, args.batch, args.chunk, args.rounds, *args.rss_sizes) < 1:
         parser.error("--images, --workers, --batch, --chunk, --rounds and --rss-sizes must be >= 1")
@@ -400,7 +410,7 @@ def main() -> int:
     warnings.filterwarnings("ignore", message="os.fork\\(\\) was called")
     sections = {}
     if args.mode in ("both", "throughput"):
-        sections[THROUGHPUT_HEADING] = measure_throughput(args)
+        sections[throughput_heading(args.side)] = measure_throughput(args)
     if args.mode in ("both", "rss"):
         sections[RSS_HEADING] = measure_rss(args)
     write_report(sections)

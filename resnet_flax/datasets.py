@@ -13,7 +13,8 @@
 
 A source's ``read(index)`` gives the image, decoded as an RGB PIL image of its own size, upright
 by its EXIF orientation, and its label; an image that cannot be decoded raises a ``UserError``
-naming it.
+naming it. ``read(index, reduction)`` first calls ``reduction(width, height)`` and may decode a
+JPEG that many times smaller (``input_pipeline.open_image``).
 """
 
 import dataclasses
@@ -42,8 +43,11 @@ class ArraySource:
     def __len__(self) -> int:
         return len(self.split)
 
-    def read(self, index: int) -> tuple[Image.Image, int]:
-        return Image.fromarray(self.split.images[index]), int(self.split.labels[index])
+    def read(self, index: int, reduction=None) -> tuple[Image.Image, int]:
+        image = Image.fromarray(self.split.images[index])
+        if reduction is not None:
+            reduction(*image.size)  # nothing to decode: held at full size
+        return image, int(self.split.labels[index])
 
 
 class ImageFolderSource:
@@ -58,8 +62,8 @@ class ImageFolderSource:
     def __len__(self) -> int:
         return len(self.files)
 
-    def read(self, index: int) -> tuple[Image.Image, int]:
-        image = input_pipeline.open_image(self.files[index], transform=input_pipeline.upright)
+    def read(self, index: int, reduction=None) -> tuple[Image.Image, int]:
+        image = input_pipeline.open_image(self.files[index], transform=input_pipeline.upright, reduction=reduction)
         return image, int(self.labels[index])
 
 
@@ -74,15 +78,17 @@ class TfdsSource:
     def __len__(self) -> int:
         return len(self._source)
 
-    def read(self, index: int) -> tuple[Image.Image, int]:
+    def read(self, index: int, reduction=None) -> tuple[Image.Image, int]:
         record = self._source[index]
         image = record["image"]
         if isinstance(image, bytes):
             image = input_pipeline.open_image(io.BytesIO(image), transform=input_pipeline.upright,
-                                              name=f"{self.description}[{index}]")
+                                              name=f"{self.description}[{index}]", reduction=reduction)
         else:  # decoded by TFDS after all: (H, W, C) pixels
             image = np.asarray(image)
             image = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).convert("RGB")
+            if reduction is not None:
+                reduction(*image.size)
         return image, int(record["label"])
 
 

@@ -92,7 +92,8 @@ class StreamingFeed:
     preprocessing to ``image_size``, iterated with ``threads`` threads and a small prefetch.
 
     Training examples are preprocessed with a generator seeded by (seed, epoch, example index)
-    (``preprocessing.train_image``), evaluation ones deterministically. A file that cannot be
+    (``preprocessing``: 'imagenet' crops, drawn before decoding), evaluation ones (and training
+    ones with 'resize') deterministically. A file that cannot be
     decoded stops the run with ``bad_images='fail'``; with 'skip' it is masked out of its batch
     (as padding is) and listed in ``skipped``.
     """
@@ -116,21 +117,35 @@ class StreamingFeed:
         if not valid:
             return None
         try:
-            image, label = self.source.read(index)
+            if train and self.preprocessing == "imagenet":
+                pixels, label = self._random_crop(index, np.random.default_rng([self.seed, epoch, index]))
+            else:
+                image, label = self.source.read(index)
+                pixels = preprocessing.eval_image(image, self.image_size, self.preprocessing)
         except UserError as e:
             if self.bad_images == "fail":
                 raise UserError(f"{e} (config.bad_images='skip' leaves such files out)") from None
             with self._lock:
                 self.skipped.append(str(e))
             return None
-        if train:
-            rng = np.random.default_rng([self.seed, epoch, index])
-            image = preprocessing.train_image(image, self.image_size, self.preprocessing, rng)
-        else:
-            image = preprocessing.eval_image(image, self.image_size, self.preprocessing)
         with self._lock:
             self.decoded += 1
-        return image, label
+        return pixels, label
+
+    def _random_crop(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        """``preprocessing.random_resized_crop`` of example ``index``, its box drawn from the image's
+        size before it is decoded, so that a JPEG much larger than the crop needs is decoded at
+        1/2 to 1/8 of its size (a phone photo: about 10 times faster; pixels of the crop as a
+        DCT-scaled decode gives them, not as the full decode resized would)."""
+        drawn = {}
+
+        def reduction(width: int, height: int) -> int:
+            drawn["box"], drawn["width"] = preprocessing.random_crop_box(height, width, rng), width
+            return preprocessing.dct_reduction(drawn["box"], self.image_size)
+
+        image, label = self.source.read(index, reduction=reduction)
+        flip = rng.random() < 0.5
+        return preprocessing.resized_crop(image, drawn["box"], drawn["width"], self.image_size, flip), label
 
     def chunks(self, indices, mask, lengths, capacity: int | None, epoch: int = 0, train: bool = True
                ) -> Iterator[tuple[dict[str, jax.Array], int]]:

@@ -132,6 +132,7 @@ def load_h5_split(path: Path, split: str, num_classes: int, image_size: int | No
 
 
 EXIF_ORIENTATION = 0x0112
+_TURNED = (5, 6, 7, 8)  # orientations that swap width and height
 
 
 def upright(image: Image.Image) -> Image.Image:
@@ -141,9 +142,14 @@ def upright(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
-def open_image(path, transform=None, name: str | None = None) -> Image.Image:
+def open_image(path, transform=None, name: str | None = None, reduction=None) -> Image.Image:
     """An image file (a path, or a file object named ``name`` in messages) decoded as an RGB PIL
     image; ``transform`` maps the PIL image first.
+
+    ``reduction(width, height) -> k`` (k = 1, 2, 4 or 8), given the image's upright size before
+    anything is decoded, lets a JPEG be decoded at 1/k of its size in each direction (libjpeg's
+    DCT scaling, ``Image.draft``): k squared times fewer pixels to decode and to resize, for a
+    caller that needs fewer (a small crop's worth). Other formats ignore it.
 
     A file PIL cannot decode, a truncated one, and one of more than ``Image.MAX_IMAGE_PIXELS``
     pixels (a decompression bomb: tiny on disk, gigabytes decoded) are each a UserError.
@@ -153,6 +159,12 @@ def open_image(path, transform=None, name: str | None = None) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
+                if reduction is not None:
+                    width, height = image.size
+                    turned = image.getexif().get(EXIF_ORIENTATION, 1) in _TURNED
+                    k = reduction(*((height, width) if turned else (width, height)))
+                    if k > 1 and image.format == "JPEG":
+                        image.draft("RGB", (width // k, height // k))
                 image = transform(image) if transform else image
                 image = image if image.mode == "RGB" else image.convert("RGB")
                 image.load()

@@ -9,8 +9,10 @@
   (``input_pipeline.resize_pil_image``).
 
 Images come and go as PIL images until the last step (converting to NumPy and back costs as
-much as the resize). Training draws its randomness from the generator it is given: the pipeline seeds one per
-(seed, epoch, example), so which worker or process decodes an example changes nothing.
+much as the resize). Training draws its randomness from the generator it is given: the pipeline
+seeds one per (seed, epoch, example), so which worker or process decodes an example changes
+nothing. The streaming feed draws the crop before decoding, so that a large JPEG is decoded only
+as finely as the crop needs (``dct_reduction``).
 """
 
 import math
@@ -47,21 +49,32 @@ def random_crop_box(height: int, width: int, rng: np.random.Generator) -> tuple[
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator, flip: bool = True) -> np.ndarray:
-    """An RGB PIL image to uint8 (size, size, 3): a ``random_crop_box`` resized (bilinear,
-    antialiased, crop and resize in one PIL call), then mirrored left-right with probability 1/2."""
-    top, left, h, w = random_crop_box(image.height, image.width, rng)
-    crop = image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
-    if flip and rng.random() < 0.5:
+def dct_reduction(box: tuple[int, int, int, int], size: int) -> int:
+    """How much smaller (1, 2, 4 or 8 times each way) a JPEG can be decoded and still give the
+    crop ``box`` at least ``size`` pixels each way (``input_pipeline.open_image``)."""
+    fits = min(box[2], box[3]) // size
+    return next(k for k in (8, 4, 2, 1) if k <= max(fits, 1))
+
+
+def resized_crop(image: Image.Image, box: tuple[int, int, int, int], full_width: int, size: int,
+                 flip: bool) -> np.ndarray:
+    """``box`` (top, left, height, width, in the pixels of an image ``full_width`` wide) of
+    ``image`` resized to (size, size) (bilinear, antialiased, one PIL call), mirrored if ``flip``.
+    ``image`` may be that image decoded smaller (``dct_reduction``): the box is scaled to it."""
+    top, left, h, w = box
+    scale = image.width / full_width
+    crop = image.resize((size, size), Image.Resampling.BILINEAR,
+                        box=(left * scale, top * scale, (left + w) * scale, (top + h) * scale))
+    if flip:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(crop)
 
 
-def train_image(image: Image.Image, size: int, preprocessing: str, rng: np.random.Generator) -> np.ndarray:
-    """A training example's pixels: ``random_resized_crop`` for 'imagenet', else resized whole."""
-    if preprocessing == "imagenet":
-        return random_resized_crop(image, size, rng)
-    return np.asarray(resize_pil_image(image, size, "resize"))
+def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator, flip: bool = True) -> np.ndarray:
+    """An RGB PIL image to uint8 (size, size, 3): a ``random_crop_box`` resized, then mirrored
+    left-right with probability 1/2."""
+    box = random_crop_box(image.height, image.width, rng)
+    return resized_crop(image, box, image.width, size, flip and rng.random() < 0.5)
 
 
 def eval_image(image: Image.Image, size: int, preprocessing: str) -> np.ndarray:

@@ -237,3 +237,35 @@ def test_an_image_folder_trains_end_to_end_and_predict_and_evaluate_name_the_cla
     matrix = np.asarray(report["confusion_matrix"])
     assert matrix.sum() == 6 and np.trace(matrix) == round(report["test_accuracy"] * 6)
     assert "red fox" in evaluate.format_report(report)
+
+
+def test_a_large_jpeg_is_decoded_only_as_finely_as_its_crop_needs(tmp_path):
+    """The same crop box (drawn before decoding) as from the full image, and about the same pixels:
+    libjpeg's DCT scaling is a proper downsample, so the crop differs from the full decode resized
+    by a little, not by content. A PNG is decoded whole and gives the same pixels exactly."""
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        (root / split / "a").mkdir(parents=True)
+    # A smooth photo-like picture, 8x the crop size that is asked for.
+    yy, xx = np.mgrid[0:1200, 0:1600]
+    photo = np.stack([128 + 100 * np.sin(xx / 97.0), 128 + 100 * np.cos(yy / 71.0),
+                      128 + 60 * np.sin((xx + yy) / 131.0)], axis=-1).astype(np.uint8)
+    Image.fromarray(photo).save(root / "train" / "a" / "big.jpg", quality=92)
+    Image.fromarray(photo).save(root / "train" / "a" / "big.png")
+    Image.fromarray(photo[:64, :64]).save(root / "test" / "a" / "small.png")
+    sources = datasets.open_image_folder(str(root))
+    feed = feeds.StreamingFeed(sources.train, runtime.make_mesh(), 32, "imagenet", seed=0, threads=1)
+    reductions = []
+    for index, path in enumerate(sources.train.files):
+        full, _ = sources.train.read(index)
+        for draw in range(20):
+            pixels, _ = feed._random_crop(index, np.random.default_rng(draw))
+            expected = preprocessing.random_resized_crop(full, 32, np.random.default_rng(draw))
+            difference = np.abs(pixels.astype(int) - expected.astype(int))
+            if path.suffix == ".png":
+                np.testing.assert_array_equal(pixels, expected)
+            else:
+                box = preprocessing.random_crop_box(1200, 1600, np.random.default_rng(draw))
+                reductions.append(preprocessing.dct_reduction(box, 32))
+                assert difference.mean() < 3.0, (draw, box, difference.mean())
+    assert max(reductions) == 8 and min(reductions) >= 2  # crops of >= 339 px: at least halved

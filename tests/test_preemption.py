@@ -108,3 +108,44 @@ def test_a_second_signal_stops_at_once_and_leaves_the_checkpoints_as_they_were(t
     result = subprocess.run(command(workdir, data_dir), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "Resuming from" in result.stdout
+
+
+def test_two_processes_stop_together_when_one_is_signalled(tmp_path, data_dir):
+    """SIGTERM to one process of two: both stop at the same step (they agree before each call),
+    save one checkpoint there together, exit non-zero; the same commands again resume and finish."""
+    workdir = tmp_path / "pair"
+    port = socket_port()
+
+    def start(i):
+        return subprocess.Popen([*command(workdir, data_dir), f"--coordinator_address=127.0.0.1:{port}",
+                                 "--num_processes=2", f"--process_id={i}"],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    processes = [start(0), start(1)]
+    deadline = time.monotonic() + 300
+    while not (workdir / "step_checkpoints" / str(STEP_EVERY)).is_dir():
+        assert all(p.poll() is None for p in processes) and time.monotonic() < deadline
+        time.sleep(0.01)
+    processes[1].send_signal(signal.SIGTERM)
+    errors = [p.communicate(timeout=120)[1] for p in processes]
+    steps = []
+    for process, err in zip(processes, errors):
+        assert process.returncode == 128 + signal.SIGTERM, err
+        line = next(line for line in err.splitlines() if line.startswith("error: stopped by SIGTERM"))
+        steps.append(int(line.split(" at step ")[1].split()[0]))
+    assert steps[0] == steps[1]
+    assert (workdir / "step_checkpoints" / str(steps[0])).is_dir()
+    port = socket_port()
+    processes = [start(0), start(1)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert all(p.returncode == 0 for p in processes), outputs[0][1] + outputs[1][1]
+    assert f"step_checkpoints/{steps[0]}" in outputs[0][0]
+    assert json.loads((workdir / "summary.json").read_text())["steps"] == 12 * 6
+
+
+def socket_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
