@@ -60,11 +60,12 @@ def resized_crop(image: Image.Image, box: tuple[int, int, int, int], full_width:
                  flip: bool) -> np.ndarray:
     """``box`` (top, left, height, width, in the pixels of an image ``full_width`` wide) of
     ``image`` resized to (size, size) (bilinear, antialiased, one PIL call), mirrored if ``flip``.
-    ``image`` may be that image decoded smaller (``dct_reduction``): the box is scaled to it."""
+    ``image`` may be that image decoded k times smaller (``dct_reduction``), where its pixel i
+    covers the full image's pixels k*i to k*i + k - 1: the box is divided by k."""
     top, left, h, w = box
-    scale = image.width / full_width
+    k = max(1, round(full_width / image.width))
     crop = image.resize((size, size), Image.Resampling.BILINEAR,
-                        box=(left * scale, top * scale, (left + w) * scale, (top + h) * scale))
+                        box=(left / k, top / k, min((left + w) / k, image.width), min((top + h) / k, image.height)))
     if flip:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(crop)

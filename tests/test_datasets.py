@@ -246,8 +246,9 @@ def test_a_large_jpeg_is_decoded_only_as_finely_as_its_crop_needs(tmp_path):
     root = tmp_path / "data"
     for split in ("train", "test"):
         (root / split / "a").mkdir(parents=True)
-    # A smooth photo-like picture, 8x the crop size that is asked for.
-    yy, xx = np.mgrid[0:1200, 0:1600]
+    # A smooth photo-like picture, 8x the crop size that is asked for (sides not multiples of 8:
+    # the decoded image's last pixel covers a partial block).
+    yy, xx = np.mgrid[0:1203, 0:1605]
     photo = np.stack([128 + 100 * np.sin(xx / 97.0), 128 + 100 * np.cos(yy / 71.0),
                       128 + 60 * np.sin((xx + yy) / 131.0)], axis=-1).astype(np.uint8)
     Image.fromarray(photo).save(root / "train" / "a" / "big.jpg", quality=92)
@@ -265,7 +266,7 @@ def test_a_large_jpeg_is_decoded_only_as_finely_as_its_crop_needs(tmp_path):
             if path.suffix == ".png":
                 np.testing.assert_array_equal(pixels, expected)
             else:
-                box = preprocessing.random_crop_box(1200, 1600, np.random.default_rng(draw))
+                box = preprocessing.random_crop_box(1203, 1605, np.random.default_rng(draw))
                 reductions.append(preprocessing.dct_reduction(box, 32))
                 assert difference.mean() < 3.0, (draw, box, difference.mean())
     assert max(reductions) == 8 and min(reductions) >= 2  # crops of >= 339 px: at least halved
