@@ -60,6 +60,7 @@ OUT = HERE / "input_pipeline.md"
 TITLE = "# The input pipeline: resnet_flax's StreamingFeed against torchvision's DataLoader"
 THROUGHPUT_HEADING = "## Throughput: decoded and preprocessed images/s at 224x224"
 RSS_HEADING = "## Peak memory of a one-epoch training run"
+READ_AHEAD_HEADING = "## Reading ahead: three ways to run the same decoding in parallel"
 
 IMAGE_SIZE = 224
 CLASSES = 10
@@ -293,6 +294,72 @@ def run_and_watch(command: list[str], log: Path) -> dict:
             "returncode": child.returncode}
 
 
+class TrainingCrop:
+    """Example i of a source as the feed's training path makes it (a crop drawn before decoding,
+    resized, flipped); a class at module level, so that grain can send it to worker processes."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __call__(self, index: int):
+        from resnet_flax import preprocessing
+
+        rng = np.random.default_rng([SEED, 1, index])
+        drawn = {}
+
+        def reduction(width, height):
+            drawn["box"], drawn["width"] = preprocessing.random_crop_box(height, width, rng), width
+            return preprocessing.dct_reduction(drawn["box"], IMAGE_SIZE)
+
+        image, label = self.source.read(int(index), reduction=reduction)
+        return preprocessing.resized_crop(image, drawn["box"], drawn["width"], IMAGE_SIZE, rng.random() < 0.5), label
+
+
+def measure_read_ahead(args) -> str:
+    """The same decoding of the first ``--images`` examples, read ahead three ways, alternated
+    round by round: ``feeds.read_ahead`` (a bounded queue of thread-pool futures), grain's thread
+    prefetch (``to_iter_dataset(ReadOptions(num_threads, prefetch_buffer_size))``) and grain's
+    worker processes (``mp_prefetch``); each timed from its start to its last element."""
+    import grain
+    from absl import flags
+    from resnet_flax import datasets, feeds
+
+    flags.FLAGS.mark_as_parsed()  # grain reads its absl flags; this script parses none
+    started, load_before = datetime.datetime.now(datetime.timezone.utc), load_average()
+    root = image_folder(args.data_dir, args.images, args.side)
+    read_all(root)
+    dataset = grain.MapDataset.range(args.images).map(TrainingCrop(datasets.open_image_folder(str(root)).train))
+    window = 2 * args.batch
+    ways = {
+        "feeds.read_ahead (threads)": lambda: feeds.read_ahead(dataset, args.workers, window),
+        "grain ReadOptions (threads)": lambda: dataset.to_iter_dataset(
+            grain.ReadOptions(num_threads=args.workers, prefetch_buffer_size=window)),
+        "grain mp_prefetch (processes)": lambda: dataset.to_iter_dataset().mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=args.workers, per_worker_buffer_size=window // args.workers)),
+    }
+    rates = {name: [] for name in ways}
+    for round_index in range(args.rounds):
+        for name, start in ways.items():
+            begin = time.perf_counter()
+            count = sum(1 for _ in start())
+            rates[name].append(count / (time.perf_counter() - begin))
+        print(f"round {round_index + 1}: " + ", ".join(f"{n} {r[-1]:.0f} img/s" for n, r in rates.items()),
+              file=sys.stderr, flush=True)
+    lines = [
+        READ_AHEAD_HEADING, "",
+        f"{command_line()}, {started:%Y-%m-%d %H:%M} - {datetime.datetime.now(datetime.timezone.utc):%H:%M} UTC. "
+        f"{args.images} JPEGs generated as for the throughput ({args.side[0]}-{args.side[1]} px), each decoded "
+        f"and cropped as the feed's training path does, {args.workers} workers, {window} elements ahead; the "
+        f"three ways alternated, {args.rounds} rounds. Load average before {load_before}, after {load_average()}.", "",
+        "| way | " + " | ".join(f"round {i + 1}" for i in range(args.rounds)) + " | median (img/s) |",
+        "|---|" + "---|" * (args.rounds + 1),
+        *(f"| {name} | " + " | ".join(f"{r:.0f}" for r in values) + f" | {statistics.median(values):.0f} |"
+          for name, values in rates.items()), "",
+        machine_line(),
+    ]
+    return "\n".join(lines)
+
+
 def measure_rss(args) -> str:
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = load_average()
@@ -379,7 +446,7 @@ def write_report(new: dict[str, str]) -> None:
     sections = {**old, **new}
     throughput = sorted((h for h in sections if h.startswith(THROUGHPUT_HEADING)),
                         key=lambda h: int(h.split("x224, ")[1].split("-")[0]) if "x224, " in h else 0)
-    for heading in (*throughput, RSS_HEADING):
+    for heading in (*throughput, READ_AHEAD_HEADING, RSS_HEADING):
         if sections.get(heading):
             parts += ["", sections[heading]]
     OUT.write_text("\n".join(parts) + "\n")
@@ -387,7 +454,8 @@ def write_report(new: dict[str, str]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("both", "throughput", "rss"), default="both")
+    parser.add_argument("--mode", choices=("both", "throughput", "rss", "read_ahead"), default="both",
+                        help="both = throughput and rss; read_ahead compares ways of reading ahead")
     parser.add_argument("--data-dir", default="/tmp/resnet_flax_bench_images",
                         help="where the generated image folders are kept, one per size")
     parser.add_argument("--images", type=int, default=3000, help="training images of the throughput mode")
@@ -411,6 +479,8 @@ def main() -> int:
     sections = {}
     if args.mode in ("both", "throughput"):
         sections[throughput_heading(args.side)] = measure_throughput(args)
+    if args.mode == "read_ahead":
+        sections[READ_AHEAD_HEADING] = measure_read_ahead(args)
     if args.mode in ("both", "rss"):
         sections[RSS_HEADING] = measure_rss(args)
     write_report(sections)
