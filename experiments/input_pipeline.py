@@ -226,9 +226,11 @@ def throughput_section(args, started, load_before: str, average_bytes: float, wa
         f"of {warmup} images each, then per round one full pass of resnet_flax, then one of torchvision. "
         "A pass is timed from its start (threads or worker processes starting included) to its last "
         f"batch. Load average before {load_before}, after {load_average()}.", "",
-        f"- resnet_flax: `feeds.StreamingFeed`, grain with {args.workers} threads in this process, "
+        f"- resnet_flax: `feeds.StreamingFeed`, a grain `MapDataset` read ahead by {args.workers} threads in this "
+        "process (`feeds.read_ahead`), "
         "'imagenet' training preprocessing (RandomResizedCrop's parameters, a PIL bilinear resize, a "
-        f"horizontal flip); chunks of {args.chunk} batches as uint8 jax arrays "
+        "horizontal flip; the crop drawn before decoding, so that a JPEG at least twice the crop's size "
+        f"each way is decoded at 1/2-1/8 scale); chunks of {args.chunk} batches as uint8 jax arrays "
         f"({args.chunk}, {args.batch}, {IMAGE_SIZE}, {IMAGE_SIZE}, 3), waited for with `jax.block_until_ready`.",
         f"- torchvision: `DataLoader(ImageFolder(train, Compose([RandomResizedCrop({IMAGE_SIZE}), "
         f"RandomHorizontalFlip(), PILToTensor()])), batch_size={args.batch}, shuffle=True, "

@@ -172,7 +172,9 @@ def open_tfds(name: str, data_dir: str) -> Sources:
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # an unknown name, a broken dataset_info.json, ...
-        raise UserError(f"config.dataset='{TFDS_PREFIX}{name}': {type(e).__name__}: {e}") from None
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"config.dataset='{TFDS_PREFIX}{name}' with data_dir {data_dir}: {type(e).__name__}: "
+                        f"{first_line}") from None
     if not builder.is_prepared():
         raise UserError(f"config.dataset='{TFDS_PREFIX}{name}': not prepared in {data_dir} (prepare it there "
                         f"first, e.g. tfds build {name} --data_dir={data_dir} --file_format=array_record)")
@@ -184,7 +186,10 @@ def open_tfds(name: str, data_dir: str) -> Sources:
     features = builder.info.features
     if "image" not in features or "label" not in features:
         raise UserError(f"{TFDS_PREFIX}{name}: needs 'image' and 'label' features, has {sorted(features)}")
-    decoders = {"image": tfds.decode.SkipDecoding()}  # decoded by PIL in the pipeline's threads
+    # An Image feature's encoded bytes are decoded by PIL in the feed's threads (a JPEG at the
+    # scale its crop needs); other features (arrays) are decoded by TFDS.
+    image_feature = isinstance(features["image"], tfds.features.Image)
+    decoders = {"image": tfds.decode.SkipDecoding()} if image_feature else None
 
     def source(split: str) -> TfdsSource:
         try:

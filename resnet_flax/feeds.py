@@ -191,9 +191,10 @@ def read_ahead(dataset: grain.MapDataset, threads: int, window: int) -> Iterator
     elements ahead of the consumer: at most ``window`` elements are resident.
 
     A grain ``MapDataset`` is random access, so reading ahead needs only a bounded queue of
-    futures. grain's own thread prefetch (``to_iter_dataset(ReadOptions(...))``) ran 10-25% slower
-    than this on 2 cores, and its worker processes (``mp_prefetch``) half as fast after a 4 s start
-    (experiments/input_pipeline.md, "Reading ahead")."""
+    futures. On 2 cores grain's own thread prefetch (``to_iter_dataset(ReadOptions(...))``) ran
+    about 5% slower than this (medians of 5 alternated rounds) and its worker processes
+    (``mp_prefetch``, spawned) at half the rate, their start included (experiments/input_pipeline.md,
+    "Reading ahead")."""
     pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="feed")
     pending = collections.deque()
     try:

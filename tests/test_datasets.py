@@ -270,3 +270,47 @@ def test_a_large_jpeg_is_decoded_only_as_finely_as_its_crop_needs(tmp_path):
                 reductions.append(preprocessing.dct_reduction(box, 32))
                 assert difference.mean() < 3.0, (draw, box, difference.mean())
     assert max(reductions) == 8 and min(reductions) >= 2  # crops of >= 339 px: at least halved
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    """A small dataset prepared with TensorFlow Datasets in ArrayRecord format (no TensorFlow:
+    the images are stored as uint8 tensors, which TFDS writes and decodes itself)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    class TinyPhotos(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8, encoding="bytes"),
+                "label": tfds.features.ClassLabel(names=["cat", "red fox"])}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(24, 0), "test": self._generate_examples(6, 1)}
+
+        def _generate_examples(self, count, split):
+            rng = np.random.default_rng(split)
+            for i in range(count):
+                label = i % 2
+                pixels = np.clip(60 + 120 * label + rng.normal(0, 15, (20 + i % 5, 24, 3)), 0, 255)
+                yield i, {"image": pixels.astype(np.uint8), "label": label}
+
+    data_dir = tmp_path_factory.mktemp("tfds")
+    TinyPhotos(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    return data_dir
+
+
+def test_a_prepared_tfds_dataset_trains_and_names_its_classes(tfds_dir, tmp_path):
+    from resnet_flax import train
+
+    config = smoke_config(dataset="tfds:tiny_photos", data_dir=str(tfds_dir), num_classes=0, image_size=16,
+                          batch_size=8, eval_batch_size=6, num_epochs=1, bn_recalibration_batches=0)
+    sources = datasets.open_sources(config)
+    assert sources.class_names == ["cat", "red fox"] and (len(sources.train), len(sources.test)) == (24, 6)
+    image, label = sources.train.read(0)
+    assert image.mode == "RGB" and label in (0, 1)
+    summary = train.train_and_evaluate(config, tmp_path / "run")
+    assert summary["class_names"] == ["cat", "red fox"] and summary["steps"] == 3
+    with pytest.raises(UserError, match=f"tfds:no_such_thing.*{tmp_path}"):
+        datasets.open_sources(smoke_config(dataset="tfds:no_such_thing", data_dir=str(tmp_path), num_classes=0))
