@@ -89,8 +89,8 @@ class Checkpointer:
 
     def __init__(self, workdir: str | Path, keep: int = 3, folder: str = CHECKPOINT_DIR):
         self.workdir = Path(workdir)
-        self.root = self.workdir.expanduser().resolve() / folder if folder != CHECKPOINT_DIR \
-            else checkpoint_root(workdir)
+        self.root = (checkpoint_root(workdir) if folder == CHECKPOINT_DIR
+                     else self.workdir.expanduser().resolve() / folder)
         self._manager = _manager(self.root, keep=keep)
 
     def save(self, key: int, variables: Mapping, optimizer: Mapping, config: ml_collections.ConfigDict,
@@ -134,10 +134,10 @@ class Checkpointer:
         checkpoint that does not fit them is the user's mistake and stops the run; one that is
         damaged is moved aside and the previous one is tried.
         """
-        for epoch in sorted(self._manager.all_steps(), reverse=True):
-            where = str(self.root / str(epoch))
+        for key in sorted(self._manager.all_steps(), reverse=True):
+            where = str(self.root / str(key))
             try:
-                metadata = self._manager.item_metadata(epoch)
+                metadata = self._manager.item_metadata(key)
                 if any(metadata.get(item) is None for item in ("variables", "optimizer")):
                     raise FileNotFoundError("its metadata is missing")
                 check_matches(metadata["variables"], variables, where, "variable")
@@ -148,14 +148,14 @@ class Checkpointer:
                     check_matches(metadata["ema"], ema, where, "moving-average variable")
                     items["ema"] = ocp.args.StandardRestore(ema)
                 items["progress"] = ocp.args.JsonRestore()
-                restored = self._manager.restore(epoch, args=ocp.args.Composite(**items))
+                restored = self._manager.restore(key, args=ocp.args.Composite(**items))
             except UserError:
                 raise
             except Exception as e:  # damaged: orbax raises many types for missing/truncated files
-                self._set_aside(epoch, e)
+                self._set_aside(key, e)
                 continue
             restored_ema = dict(restored["ema"]) if "ema" in items else None
-            progress = {"epoch": epoch, "batch": 0, **dict(restored["progress"] or {}), "key": epoch}
+            progress = {"epoch": key, "batch": 0, **dict(restored["progress"] or {}), "key": key}
             return dict(restored["variables"]), dict(restored["optimizer"]), restored_ema, progress
         return None
 

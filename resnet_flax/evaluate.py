@@ -59,8 +59,8 @@ def evaluate_checkpoint(workdir, epoch=None, data_dir=None, batch_size=40, ema=F
     feed = test_feed(config, trained.class_names, mesh)
     evaluate = evaluation.Evaluator(trained.model.apply, config.num_classes, normalization=config.normalization,
                                     confusion=True)
-    sums = evaluate.total_sums(trained.variables, evaluation.TestBatches(feed, batch_size, config.steps_per_chunk,
-                                                                         mesh))
+    batches = evaluation.EvaluationBatches(feed, batch_size, config.steps_per_chunk, mesh)
+    sums = evaluate.total_sums(trained.variables, batches)
     feed.report_skipped("the test set")
     confusion = np.rint(sums["confusion"]).astype(np.int64)
     per_class = confusion.sum(axis=1)

@@ -62,7 +62,7 @@ def split_batches(split: input_pipeline.Split, batch_size: int, mesh, examples: 
     return runtime.gather_batches(split.images, split.labels, indices, mask, mesh)
 
 
-class TestBatches:
+class EvaluationBatches:
     """A split's evaluation batches in chunks of at most ``capacity`` batches of ``batch_size``, the
     last padded and masked: built once and kept on the devices for a split in memory (SIGNS: one
     chunk), streamed afresh each pass otherwise (``feeds.StreamingFeed``)."""
@@ -108,7 +108,7 @@ class Evaluator:
         return steps.summarize(self.sums(variables, batches))
 
     def over(self, variables: Mapping, chunks) -> dict[str, float]:
-        """Mean loss and accuracy over every chunk of batches in ``chunks`` (``TestBatches``)."""
+        """Mean loss and accuracy over every chunk of batches in ``chunks`` (``EvaluationBatches``)."""
         return steps.summarize(self.total_sums(variables, chunks))
 
     def total_sums(self, variables: Mapping, chunks) -> dict[str, np.ndarray]:

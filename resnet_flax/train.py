@@ -244,7 +244,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh, 
     last_epoch = position["epoch"]
     # The newest checkpoint's (step, folder); a run stopped at another step saves one first.
     saved = (int(state.step), position["path"]) if "path" in position else (-1, None)
-    test_set = evaluation.TestBatches(test_feed, config.eval_batch_size, capacity, mesh)
+    test_set = evaluation.EvaluationBatches(test_feed, config.eval_batch_size, capacity, mesh)
 
     if is_main_process:
         workdir_lib.record_start(workdir, config.to_dict(), last_epoch, changes)
