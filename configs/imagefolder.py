@@ -19,23 +19,17 @@ Expect:   SIGNS written out as such a folder of PNGs (experiments/signs_as_image
           2-core AMD EPYC (22 s per epoch: SIGNS from memory, configs/signs.py, takes 19-24 s there).
 """
 
-from resnet_flax.config import default_config
+from pathlib import Path
+
+from resnet_flax.config import load_config_file
 
 
 def get_config():
-    config = default_config()
+    config = load_config_file(Path(__file__).with_name("signs_best.py"))  # its recipe, from scratch
     config.dataset = "imagefolder"
     config.data_dir = ""  # required: --config.data_dir=DATA
     config.num_classes = 0  # as many as the class folders
     config.image_size = 64
     config.preprocessing = "resize"
-    config.augment = True
-    config.lr_schedule = "cosine"
-    config.warmup_epochs = 1.0
-    config.learning_rate = 2e-3
-    config.batch_size = 32
-    config.num_epochs = 27
-    config.bn_recalibration_batches = 34
-    config.checkpoint_every_epochs = 5
     config.checkpoint_every_steps = 100
     return config

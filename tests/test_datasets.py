@@ -150,6 +150,7 @@ def signs_as_png_folder(tmp_path_factory, signs_dir):
     return root
 
 
+@pytest.mark.slow
 def test_signs_as_an_image_folder_gives_the_h5_examples_in_the_same_order(signs_as_png_folder, signs_dir):
     h5 = input_pipeline.load_dataset(smoke_config(data_dir=str(signs_dir)))
     sources = datasets.open_image_folder(str(signs_as_png_folder))
@@ -301,6 +302,7 @@ def tfds_dir(tmp_path_factory):
     return data_dir
 
 
+@pytest.mark.slow
 def test_a_prepared_tfds_dataset_trains_and_names_its_classes(tfds_dir, tmp_path):
     from resnet_flax import train
 
