@@ -11,7 +11,7 @@
   ArrayRecord format, read through ``tfds.data_source`` (the ``tfds`` extra; no TensorFlow, and
   nothing is downloaded).
 
-A source's ``read(index)`` gives the image, decoded as an RGB PIL image of its own size, upright
+A streamed source's ``read(index)`` gives the image, decoded as an RGB PIL image of its own size, upright
 by its EXIF orientation, and its label; an image that cannot be decoded raises a ``UserError``
 naming it. ``read(index, reduction)`` first calls ``reduction(width, height)`` and may decode a
 JPEG that many times smaller (``input_pipeline.open_image``).
@@ -33,7 +33,8 @@ TFDS_PREFIX = "tfds:"
 
 
 class ArraySource:
-    """A split held in memory (``input_pipeline.Split``), already at the model's size."""
+    """A split held in memory (``input_pipeline.Split``), already at the model's size: nothing to
+    read one by one, the in-memory feed gathers its rows."""
 
     in_memory = True
 
@@ -42,12 +43,6 @@ class ArraySource:
 
     def __len__(self) -> int:
         return len(self.split)
-
-    def read(self, index: int, reduction=None) -> tuple[Image.Image, int]:
-        image = Image.fromarray(self.split.images[index])
-        if reduction is not None:
-            reduction(*image.size)  # nothing to decode: held at full size
-        return image, int(self.split.labels[index])
 
 
 class ImageFolderSource:

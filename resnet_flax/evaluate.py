@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from absl import flags
 
-from resnet_flax import checkpoints, cli, datasets, evaluation, feeds, input_pipeline, metrics, pretrained, runtime
+from resnet_flax import (checkpoints, cli, datasets, evaluation, feeds, input_pipeline, metrics, pretrained, runtime,
+                         steps)
 from resnet_flax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -64,9 +65,9 @@ def evaluate_checkpoint(workdir, epoch=None, data_dir=None, batch_size=40, ema=F
     feed.report_skipped("the test set")
     confusion = np.rint(sums["confusion"]).astype(np.int64)
     per_class = confusion.sum(axis=1)
-    return {"test_loss": float(sums["loss_sum"]) / float(sums["count"]),
-            "test_accuracy": float(sums["correct"]) / float(sums["count"]),
-            "examples": int(sums["count"]), "epoch": trained.epoch, "data": feed.description,
+    summary = steps.summarize(sums)
+    return {"test_loss": summary["loss"], "test_accuracy": summary["accuracy"],
+            "examples": summary["count"], "epoch": trained.epoch, "data": feed.description,
             "class_names": trained.class_names,
             "class_accuracy": [float(confusion[i, i] / n) if n else None for i, n in enumerate(per_class)],
             "class_examples": per_class.tolist(), "confusion_matrix": confusion.tolist()}

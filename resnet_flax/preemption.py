@@ -67,5 +67,10 @@ class StopRequests:
         return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
 
     @property
+    def stopping_signal(self) -> int:
+        """The signal this process got; SIGTERM where only another process of the run got one."""
+        return self.signum or signal.SIGTERM
+
+    @property
     def name(self) -> str:
-        return signal.Signals(self.signum or signal.SIGTERM).name
+        return signal.Signals(self.stopping_signal).name

@@ -273,9 +273,12 @@ def compile_train_chunk(config, state: TrainState, batches, steps_per_epoch: int
     return train_chunk
 
 
+SUMMED = ("loss_sum", "correct", "count")  # what the steps sum, per example
+
+
 def summarize(sums: Mapping[str, Any]) -> dict[str, float]:
     """Mean loss and accuracy from summed ones, or per-step ones (NaN when no example was counted)."""
-    sums = {name: float(np.sum(jax.device_get(sums[name]), dtype=np.float64)) for name in ("loss_sum", "correct", "count")}
+    sums = {name: float(np.sum(jax.device_get(sums[name]), dtype=np.float64)) for name in SUMMED}
     count = sums["count"]
     mean = (lambda total: total / count) if count else (lambda total: math.nan)
     return {"loss": mean(sums["loss_sum"]), "accuracy": mean(sums["correct"]), "count": int(count)}

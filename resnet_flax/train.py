@@ -98,9 +98,6 @@ def call_plan(steps_per_epoch: int, begin: int, limit: int, first: int | None, e
     return lengths, save_after
 
 
-SUMMED = ("loss_sum", "correct", "count")
-
-
 def train_epoch(train_chunk, state: steps.TrainState, feed, epoch: int, config, mesh, lengths: list[int],
                 capacity: int, show_progress: bool, profile: tuple[int, Path] | None = None, begin: int = 0,
                 totals: dict | None = None, save_after: set[int] = frozenset(), save=None,
@@ -118,20 +115,20 @@ def train_epoch(train_chunk, state: steps.TrainState, feed, epoch: int, config, 
     """
     indices, mask = input_pipeline.batch_indices(
         input_pipeline.epoch_order(config.seed, epoch, len(feed)), config.batch_size)
-    totals = {**dict.fromkeys((*SUMMED, "nonfinite_params", "nonfinite_batch_stats"), 0.0), **(totals or {})}
+    totals = {**dict.fromkeys((*steps.SUMMED, "nonfinite_params", "nonfinite_batch_stats"), 0.0), **(totals or {})}
     bar = metrics.progress_bar(len(feed), epoch, config.num_epochs, enabled=show_progress,
                                initial=int(totals["count"]))
     start, start_count = time.perf_counter(), totals["count"]
 
     def account(sums, length: int) -> None:
         sums = jax.device_get(sums)
-        for name in SUMMED:  # step by step, in order: the same totals however the epoch was split
+        for name in steps.SUMMED:  # step by step, in order: the same totals however the epoch was split
             for value in sums[name][:length]:
                 totals[name] += float(value)
         for name in ("nonfinite_params", "nonfinite_batch_stats"):
             totals[name] += float(sums[name])
         check_finite(totals, epoch)
-        so_far = steps.summarize({name: totals[name] for name in SUMMED})
+        so_far = steps.summarize({name: totals[name] for name in steps.SUMMED})
         bar.update(so_far["count"] - bar.n)
         bar.set_postfix(loss=f"{so_far['loss']:.4f}", accuracy=f"{so_far['accuracy']:.4f}",
                         img_per_s=f"{(so_far['count'] - start_count) / (time.perf_counter() - start):.0f}")
@@ -156,7 +153,7 @@ def train_epoch(train_chunk, state: steps.TrainState, feed, epoch: int, config, 
         if call in save_after:
             account(*pending)
             pending = None
-            save(state, done, {name: totals[name] for name in SUMMED})
+            save(state, done, {name: totals[name] for name in steps.SUMMED})
     chunks.close()
     if pending is not None:
         account(*pending)
@@ -293,12 +290,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh, 
             save=lambda state, done, totals: save_within_epoch(state, epoch, done, totals), stop=stop)
         if stopped:
             if int(state.step) != saved[0]:
-                save_within_epoch(state, epoch, done, {name: totals[name] for name in SUMMED})
+                save_within_epoch(state, epoch, done, {name: totals[name] for name in steps.SUMMED})
             writer.close()
             raise preemption.Preempted(
                 f"stopped by {stop.name} at step {int(state.step)} (epoch {epoch}, {done} of {steps_per_epoch} "
-                f"batches done); checkpoint {saved[1]}; rerun the same command to resume", stop.signum or 15)
-        train = steps.summarize({name: totals[name] for name in SUMMED})
+                f"batches done); checkpoint {saved[1]}; rerun the same command to resume", stop.stopping_signal)
+        train = steps.summarize({name: totals[name] for name in steps.SUMMED})
         if profile is not None:
             print(f"profile of {config.profile_steps} steps: {profile[1]} (tensorboard --logdir={profile[1]}, "
                   "or perfetto_trace.json.gz in ui.perfetto.dev)", flush=True)
@@ -336,7 +333,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh, 
         "test_loss": test["loss"],
         "test_accuracy": test["accuracy"],
     }
-    if isinstance(test_feed, feeds.InMemoryFeed) and config.dataset == "signs":
+    if config.dataset == "signs":  # held in memory
         unseen = input_pipeline.unseen_test_examples(input_pipeline.Dataset(
             train_feed.split, test_feed.split, config.num_classes))
         unseen_test = evaluate(variables, evaluation.split_batches(
