@@ -48,6 +48,8 @@ ran). Variants (each names what it changes against the current code):
   convolutions use im2col.
 * ``im2col-at-2x2-in-evaluation``: the inference kernels, but im2col instead of per-tap products
   (``conv.conv_taps``) for the 3x3 convolutions on the 2x2 maps.
+* ``measured-kernels``: each layer's kernel as ``python -m resnet_flax.autotune`` measured it on
+  this machine (``conv_impl='auto'`` with a tuning cache), for batch 32 in training and evaluation.
 * ``ynn-reduce-only``, ``no-ynn``: both programs compiled with XLA:CPU's YNNPACK fusions limited to
   reductions, or none (``xla_cpu_experimental_ynn_fusion_type``; the products then run on XLA's
   own Eigen path). Evaluation alone is now compiled with ``no-ynn``'s setting
@@ -81,7 +83,9 @@ import optax
 from flax import traverse_util
 from jax import lax
 
-from resnet_flax import evaluation, layers, runtime, steps
+from resnet_flax import autotune, evaluation, layers, runtime, steps
+from resnet_flax.config import default_config
+from resnet_flax.ops.conv_plan import ConvPlan
 from resnet_flax.ops import batchnorm, conv, taps, winograd
 from step_inputs import resnet50_state_and_batch
 
@@ -397,6 +401,8 @@ class Variant:
     optimizer: optax.GradientTransformation | None = None  # in place of the config's Adam
     compiler_options: dict | None = None  # for both programs
     inference_kernels: Callable | None = None  # in place of evaluation.inference_kernels
+    # The 'conv' factory of evaluation's model, where it differs from training's.
+    eval_conv: Callable[..., nn.Module] | None = None
 
 
 CURRENT_CODE = Variant()
@@ -422,7 +428,21 @@ VARIANTS = {
     "im2col-at-2x2-in-evaluation": Variant(inference_kernels=mapped_inference_kernels(winograd_kernels_only)),
     "ynn-reduce-only": Variant(compiler_options={"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}),
     "no-ynn": Variant(compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""}),
+    "measured-kernels": lambda: measured_kernels(),  # built when asked for: it measures first
 }
+
+
+def measured_kernels() -> Variant:
+    """The kernels ``python -m resnet_flax.autotune`` measures for this script's shapes (batch 32 in
+    training and evaluation), from this machine's cache (measured first where it lacks them)."""
+    config = default_config()
+    config.eval_batch_size = 32
+    choices = autotune.tune(config)
+    plan = ConvPlan.from_mapping({key: entry["kernel"] for key, entry in choices.items()})
+
+    def conv_factory(mode):
+        return functools.partial(layers.Conv2D, impl=IMPL, plan=plan.in_mode(mode), precision=PRECISION)
+    return Variant(factories={"conv": conv_factory("train")}, eval_conv=conv_factory("eval"))
 
 
 def build(variant: Variant):
@@ -444,8 +464,9 @@ def build(variant: Variant):
     train_chunk = jax.jit(chunk, donate_argnums=0).lower(state, batches).compile(options)
     chunk_compile_s = time.perf_counter() - start
     variables = {"params": state.params, "batch_stats": state.batch_stats}
+    eval_model = model.clone(conv=variant.eval_conv) if variant.eval_conv else model
     start = time.perf_counter()
-    evaluate = evaluation_program(model.apply, variant.inference_kernels).lower(variables, batches).compile(options)
+    evaluate = evaluation_program(eval_model.apply, variant.inference_kernels).lower(variables, batches).compile(options)
     eval_compile_s = time.perf_counter() - start
     state = train_chunk(state, batches)  # warm-up (the old state's buffers are donated)
     jax.block_until_ready(evaluate({"params": state.params, "batch_stats": state.batch_stats}, batches))
@@ -473,7 +494,9 @@ def main() -> int:
     args = parser.parse_args()
 
     started = datetime.datetime.now(datetime.timezone.utc)
-    runs = {"current code": build(CURRENT_CODE), args.variant: build(VARIANTS[args.variant])}
+    variant = VARIANTS[args.variant]
+    variant = variant() if callable(variant) else variant
+    runs = {"current code": build(CURRENT_CODE), args.variant: build(variant)}
     train_s = {name: [] for name in runs}
     eval_s = {name: [] for name in runs}
     for round_index in range(args.rounds):

@@ -22,10 +22,10 @@ from resnet_flax.ops import conv
 
 def inference_kernels(apply_fn, variables: Mapping, images: jax.Array, normalization: str = "unit") -> dict:
     """``{conv.INFERENCE_KERNELS: ...}``: every kernel in the form evaluation multiplies by, where
-    that differs from the kernel (``conv.inference_kernel``), derived by applying the model to the
-    first of ``images`` (the rest of that forward pass is dead code, which XLA drops); ``{}`` where
-    no layer has one."""
-    _, derived = apply_fn(variables, input_pipeline.normalize(images[:1], normalization), train=False,
+    that differs from the kernel (``conv.inference_kernel``), derived by applying the model to
+    ``images``, one batch, so that each layer sees the shape its kernel is chosen for (the rest of
+    that forward pass is dead code, which XLA drops); ``{}`` where no layer has one."""
+    _, derived = apply_fn(variables, input_pipeline.normalize(images, normalization), train=False,
                           mutable=[conv.INFERENCE_KERNELS])
     return dict(derived)
 

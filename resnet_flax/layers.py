@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from resnet_flax.ops import batchnorm, conv
+from resnet_flax.ops.conv_plan import ConvPlan, layer_spec
 
 # Keras BatchNormalization defaults (Flax's own are momentum 0.99, epsilon 1e-5).
 BN_MOMENTUM = 0.99
@@ -32,6 +33,7 @@ class Conv2D(nn.Module):
 
     ``impl`` and ``precision`` choose how ``convolve`` (``ops.conv.conv2d``, or a variant with its
     signature, for experiments) computes it; ``models.create_model`` sets them for the whole model.
+    A ``plan`` (``resnet_flax.autotune``) names the kernel for this layer's shape, where it has one.
     """
 
     features: int
@@ -40,6 +42,7 @@ class Conv2D(nn.Module):
     padding: str | conv.Padding = "VALID"
     use_bias: bool = True
     impl: str = "auto"
+    plan: ConvPlan | None = None
     precision: str | None = "highest"
     dtype: Any = None  # compute dtype; None = float32
     kernel_init: nn.initializers.Initializer = nn.initializers.glorot_uniform()
@@ -58,7 +61,7 @@ class Conv2D(nn.Module):
             x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         derived = self._inference_kernel(kernel, x)
         if derived is None:
-            y = self.convolve(x, kernel, self.strides, self.padding, self.impl, self.precision)
+            y = self.convolve(x, kernel, self.strides, self.padding, self._kernel_for(x, kernel), self.precision)
         else:
             y = conv.conv2d_inference(x, derived, self.precision)
         if defer_bias:
@@ -73,10 +76,18 @@ class Conv2D(nn.Module):
         if self.is_initializing() or not self.is_mutable_collection(conv.INFERENCE_KERNELS):
             return None
         pads = conv.explicit_padding(x.shape[1:3], self.kernel_size, self.strides, self.padding)
-        derived = conv.inference_kernel(kernel, x.shape[1:3], self.strides, pads, self.impl)
+        derived = conv.inference_kernel(kernel, x.shape[1:3], self.strides, pads, self._kernel_for(x, kernel))
         if derived is not None:
             self.put_variable(conv.INFERENCE_KERNELS, "kernel", derived)
         return derived
+
+    def _kernel_for(self, x: jax.Array, kernel: jax.Array) -> str:
+        """The plan's kernel for this layer's shape, else ``impl`` (its static rule)."""
+        if self.plan is None:
+            return self.impl
+        pads = conv.explicit_padding(x.shape[1:3], self.kernel_size, self.strides, self.padding)
+        spec = layer_spec(self.plan.mode, x.shape, kernel.shape, self.strides, pads, x.dtype)
+        return self.plan.get(spec.key) or self.impl
 
 
 class BatchNorm(nn.Module):

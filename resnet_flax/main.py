@@ -41,7 +41,7 @@ def main(argv):
     workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
     runtime.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                                    FLAGS.process_id)
-    train.train_and_evaluate(FLAGS.config, workdir)
+    train.train_and_evaluate(FLAGS.config, workdir, verbose=FLAGS.verbose)
 
 
 if __name__ == "__main__":

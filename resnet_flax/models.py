@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from resnet_flax import imagenet_layouts, layers
 from resnet_flax.errors import UserError
 from resnet_flax.ops import conv as conv_ops
+from resnet_flax.ops.conv_plan import ConvPlan
 from resnet_flax.ops.pooling import max_pool
 
 ModuleDef = Callable[..., nn.Module]
@@ -264,13 +265,15 @@ def keras_layer_paths(variables: Mapping[str, Any]) -> dict[str, tuple[str, ...]
 
 
 def layer_factories(conv_impl: str = "auto", precision: str = "highest", variant: str = "assignment",
-                    dtype: str = "float32") -> dict[str, ModuleDef]:
+                    dtype: str = "float32", conv_plan: ConvPlan | None = None) -> dict[str, ModuleDef]:
     """The ``conv``, ``norm`` and ``dense`` factories of a model of ``variant``'s conventions
     (Keras's for 'assignment', PyTorch's otherwise) whose convolutions run as ``conv_impl`` ('auto'
     resolved here, for the default backend; 'xla' when computing in bfloat16, which the CPU
     kernels are not tuned for), whose products run at ``precision`` ('highest': float32 products
     on every backend; 'high' or 'default': the backend's fastest, e.g. TensorFloat-32 on GPU) and
-    which compute in ``dtype`` ('float32' or 'bfloat16', parameters float32 either way)."""
+    which compute in ``dtype`` ('float32' or 'bfloat16', parameters float32 either way).
+    ``conv_plan`` (``resnet_flax.autotune``) gives measured kernels per layer shape, for 'auto'
+    on CPU in float32 only; elsewhere it is ignored."""
     if precision not in conv_ops.PRECISIONS:
         raise UserError(f"config.matmul_precision must be one of {conv_ops.PRECISIONS}, got {precision!r}")
     if conv_impl not in conv_ops.IMPLEMENTATIONS:
@@ -282,8 +285,9 @@ def layer_factories(conv_impl: str = "auto", precision: str = "highest", variant
     compute_dtype = DTYPES[dtype]
     if compute_dtype is not None and conv_impl == "auto":
         conv_impl = "xla"
-    conv = functools.partial(layers.Conv2D, impl=conv_ops.resolve_impl(conv_impl), precision=precision,
-                             dtype=compute_dtype)
+    impl = conv_ops.resolve_impl(conv_impl)
+    plan = conv_plan if conv_impl == "auto" and impl == "winograd" and conv_plan else None
+    conv = functools.partial(layers.Conv2D, impl=impl, plan=plan, precision=precision, dtype=compute_dtype)
     norm = functools.partial(layers.BatchNorm, dtype=compute_dtype)
     if variant != "assignment":
         conv = functools.partial(conv, use_bias=False, kernel_init=imagenet_layouts.CONV_INIT)
@@ -306,7 +310,7 @@ def batchnorm_momentum(config: Mapping[str, Any]) -> float:
 
 
 def create_model(name: str, *, num_classes: int, variant: str = "assignment", conv_impl: str = "auto",
-                 precision: str = "highest", dtype: str = "float32") -> nn.Module:
+                 precision: str = "highest", dtype: str = "float32", conv_plan: ConvPlan | None = None) -> nn.Module:
     """Builds one of :data:`MODELS` by name in ``variant``'s layout, its layers resolved by
     :func:`layer_factories`: a :class:`ResNet` for 'assignment', an
     ``imagenet_layouts.ImageNetResNet`` otherwise."""
@@ -314,17 +318,19 @@ def create_model(name: str, *, num_classes: int, variant: str = "assignment", co
         raise UserError(f"config.model: unknown model {name!r}; expected one of {sorted(MODELS)}")
     if num_classes < 1:
         raise UserError(f"config.num_classes must be >= 1, got {num_classes}")
-    factories = layer_factories(conv_impl, precision, variant, dtype)
+    factories = layer_factories(conv_impl, precision, variant, dtype, conv_plan)
     if variant == "assignment":
         return ResNet(num_classes=num_classes, **MODELS[name], **factories)
     return imagenet_layouts.ImageNetResNet(num_classes=num_classes, preact=variant == "preact",
                                            **MODELS[name], **factories)
 
 
-def model_from_config(config: Mapping[str, Any], num_classes: int | None = None) -> nn.Module:
-    """The model a run's config describes (a config saved before a field existed gets its default)."""
+def model_from_config(config: Mapping[str, Any], num_classes: int | None = None,
+                      conv_plan: ConvPlan | None = None) -> nn.Module:
+    """The model a run's config describes (a config saved before a field existed gets its default),
+    its convolutions by ``conv_plan`` where that applies (``layer_factories``)."""
     return create_model(config["model"], num_classes=num_classes or config["num_classes"],
                         variant=config.get("variant", "assignment"),
                         conv_impl=config.get("conv_impl", "auto"),
                         precision=config.get("matmul_precision", "highest"),
-                        dtype=config.get("dtype", "float32"))
+                        dtype=config.get("dtype", "float32"), conv_plan=conv_plan)

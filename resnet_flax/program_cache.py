@@ -130,8 +130,11 @@ HOST_ONLY_FIELDS = ("dataset", "data_dir", "data_format", "data_threads", "bad_i
                     "compilation_cache_dir", "allow_config_change", "profile_steps", "preprocessing")
 
 
-def for_config(config, compilation_cache: Path | None) -> ProgramCache:
-    """The run's program cache: beside XLA's persistent cache, off when that is off."""
+def for_config(config, compilation_cache: Path | None, conv_plan=None) -> ProgramCache:
+    """The run's program cache: beside XLA's persistent cache, off when that is off. The kernels of
+    ``conv_plan`` (``resnet_flax.autotune``) are part of the key, as the config is."""
     directory = compilation_cache / "exported_programs" if compilation_cache is not None else None
     fields = {k: v for k, v in config.to_dict().items() if k not in HOST_ONLY_FIELDS}
+    if conv_plan:
+        fields["conv_plan"] = conv_plan.choices
     return ProgramCache(directory, json.dumps(fields, sort_keys=True, default=repr))

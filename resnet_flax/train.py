@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from resnet_flax import config as config_lib
-from resnet_flax import (checkpoints, datasets, evaluation, feeds, input_pipeline, metrics, models, preemption,
+from resnet_flax import (autotune, checkpoints, datasets, evaluation, feeds, input_pipeline, metrics, models, preemption,
                          program_cache, recalibration, runtime, steps, warm_start)
 from resnet_flax import workdir as workdir_lib
 from resnet_flax.errors import UserError
@@ -200,7 +200,8 @@ def describe_model(config) -> str:
     return f"{config.model} ({config.variant} layout, {models.resolved_conv_impl(config)} conv, {config.dtype})"
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, mesh=None) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, mesh=None,
+                       verbose: bool = False) -> dict[str, Any]:
     """Trains ``config.model`` on ``config.dataset``, evaluating after every epoch; returns the summary.
 
     Resumes from ``workdir``'s checkpoints if it has any (with the same config, less the fields
@@ -208,19 +209,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, m
     ``metrics.jsonl``, ``summary.json``, ``curves.png``, TensorBoard events and checkpoints into
     ``workdir``, which no other run may use meanwhile. ``mesh`` defaults to all devices of all
     processes. SIGTERM or SIGINT (in the main thread) stops it with a checkpoint and raises
-    ``preemption.Preempted``.
+    ``preemption.Preempted``. ``verbose`` prints each convolution's kernel (``resnet_flax.autotune``).
     """
     workdir = workdir_lib.prepare(workdir)
     with workdir_lib.Lock(workdir, enabled=jax.process_index() == 0), preemption.StopRequests() as stop:
-        return _train_and_evaluate(config, workdir, mesh, stop)
+        return _train_and_evaluate(config, workdir, mesh, stop, verbose)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh, stop) -> dict[str, Any]:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh, stop, verbose: bool
+                        ) -> dict[str, Any]:
     is_main_process = jax.process_index() == 0
     sources = datasets.open_sources(config)
     config = datasets.with_num_classes(config, sources)
     changes = workdir_lib.check_resumed_config(workdir, config.to_dict(), config_lib.default_config().to_dict())
-    programs = program_cache.for_config(config, runtime.enable_compilation_cache(config.compilation_cache_dir))
+    compilation_cache = runtime.enable_compilation_cache(config.compilation_cache_dir)
     config_lib.validate(config, len(sources.train))
     mesh = runtime.make_mesh() if mesh is None else mesh
     runtime.check_divisible(config.batch_size, mesh, "batch_size")
@@ -228,7 +230,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh, 
     train_feed, test_feed = (feeds.make_feed(source, config, mesh) for source in (sources.train, sources.test))
     dataset_record = {"class_names": sources.class_names, "train": train_feed.description,
                       "test": test_feed.description}
-    model = models.model_from_config(config)
+    # The kernel of each convolution: the run's own on a resume, else as measured on this machine.
+    conv_plan, conv_kernels = autotune.plan_for_run(
+        config, autotune.run_specs(config, models.model_from_config(config)), workdir,
+        autotune.has_saved_state(workdir), compilation_cache)
+    model = models.model_from_config(config, conv_plan=conv_plan)
+    eval_model = models.model_from_config(config, conv_plan=conv_plan.in_mode("eval")) if conv_plan else model
+    programs = program_cache.for_config(config, compilation_cache, conv_plan)
     num_train = len(train_feed)
     steps_per_epoch = -(-num_train // config.batch_size)
     capacity = min(config.steps_per_chunk, steps_per_epoch)  # batches per compiled call, at most
@@ -250,9 +258,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh, 
               f"model: {describe_model(config)}, {mesh.size} "
               f"{jax.default_backend()} device(s), {steps_per_epoch} steps of {config.batch_size} per epoch\n"
               f"{totals_line(checkpoints.split_state(state)[0])}")
+        print(autotune.describe_plan(conv_kernels) if verbose else f"conv kernels: {conv_kernels['source']}",
+              flush=True)
 
     # Compiled once per shape of the test chunks, when first needed (after the first epoch).
-    evaluate = evaluation.Evaluator(model.apply, config.num_classes, programs, config.normalization)
+    evaluate = evaluation.Evaluator(eval_model.apply, config.num_classes, programs, config.normalization)
 
     def test_metrics():
         return evaluate.over(checkpoints.split_state(state)[0], test_set)
@@ -354,6 +364,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh, 
         "variant": config.variant,
         "dtype": config.dtype,
         "conv_impl": models.resolved_conv_impl(config),
+        "conv_kernels": conv_kernels,
         "dataset": config.dataset,
         "class_names": sources.class_names,
     })

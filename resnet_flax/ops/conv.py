@@ -11,7 +11,13 @@ Keras weights work with any of them:
   pixels, which use Winograd's minimal filtering (``ops.winograd``): F(4x4, 3x3), 4x fewer
   multiplications, from 8x8 pixels up; F(2x2, 3x3), 2.25x fewer, below. Its error is about ten
   times the direct sum's where F(4x4, 3x3) runs (a few 1e-6 of the output's scale).
-* ``'auto'`` -- 'winograd' on CPU, 'xla' elsewhere.
+* ``'auto'`` -- on CPU the kernel measured fastest for each layer's shape on this machine, where
+  ``resnet_flax.autotune`` has measured it (a ``ConvPlan``), else 'winograd'; 'xla' elsewhere.
+
+Per layer, the choice is one of :data:`KERNELS`: 'xla', 'gemm', 'winograd2' / 'winograd4'
+(F(2x2, 3x3) / F(4x4, 3x3)) or 'taps' (one product per kernel tap, ``conv_taps``); the last three
+exist for 3x3 stride-1 'same' convolutions only (:func:`kernel_candidates`). 'winograd' is the
+static rule that maps a shape to one of them (:func:`static_kernel`).
 
 Evaluation with 'winograd' multiplies by kernels derived once per call (``inference_kernel``):
 Winograd's transformed kernels, and for 3x3 stride-1 'same' convolutions on maps under 4x4 pixels
@@ -41,18 +47,39 @@ from resnet_flax.ops import winograd
 from resnet_flax.ops.taps import output_size, window_tap
 
 IMPLEMENTATIONS = ("auto", "xla", "gemm", "winograd")
+KERNELS = ("xla", "gemm", "winograd2", "winograd4", "taps")  # what one layer can run
 INFERENCE_KERNELS = "inference_kernels"  # the flax collection of ``inference_kernel``s
 PRECISIONS = ("default", "high", "highest")
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
 def resolve_impl(impl: str) -> str:
-    """Maps 'auto' to the implementation that is faster on the default backend."""
-    if impl not in IMPLEMENTATIONS:
+    """Maps 'auto' to the static implementation for the default backend; a kernel name of
+    :data:`KERNELS` passes through."""
+    if impl not in IMPLEMENTATIONS and impl not in KERNELS:
         raise ValueError(f"conv_impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl == "auto":
         return "winograd" if jax.default_backend() == "cpu" else "xla"
     return impl
+
+
+def kernel_candidates(kernel_shape: Sequence[int], strides: Sequence[int], pads: Padding) -> tuple[str, ...]:
+    """The kernels that can compute a convolution of this kernel shape, stride and padding."""
+    return KERNELS if _is_3x3_same_stride_1(kernel_shape, strides, pads) else ("xla", "gemm")
+
+
+def static_kernel(impl: str, kernel_shape: Sequence[int], strides: Sequence[int], pads: Padding,
+                  spatial: Sequence[int], inference: bool = False) -> str:
+    """The kernel ``impl`` runs for this convolution without a measured choice: 'winograd''s tiles
+    where ``winograd_tile_size`` gives one, and where it gives none, im2col in training and the
+    per-tap products in evaluation (``inference``) for 3x3 stride-1 'same' convolutions."""
+    impl = resolve_impl(impl)
+    if impl != "winograd":
+        return impl
+    tile_size = winograd_tile_size(kernel_shape, strides, pads, spatial)
+    if tile_size is not None:
+        return f"winograd{tile_size}"
+    return "taps" if inference and _is_3x3_same_stride_1(kernel_shape, strides, pads) else "gemm"
 
 
 def _same_padding(size: int, window: int, stride: int) -> tuple[int, int]:
@@ -207,12 +234,17 @@ def inference_kernel(kernel: jax.Array, spatial: Sequence[int], strides: Sequenc
     Evaluation derives these once per call and keeps them as outputs of its program: XLA would
     otherwise keep them in the one scratch buffer it maps afresh on every call, which costs a page
     fault per 4 KiB (docs/performance.md)."""
-    if resolve_impl(impl) != "winograd" or not _is_3x3_same_stride_1(kernel.shape, strides, pads):
-        return None
-    tile_size = winograd_tile_size(kernel.shape, strides, pads, spatial)
-    if tile_size is not None:
-        return winograd.kernel_tiles(kernel, tile_size)
-    # Separate arrays, not slices taken in the loop over batches: a slice is a copy on XLA:CPU.
+    name = static_kernel(impl, kernel.shape, strides, pads, spatial, inference=True)
+    if name.startswith("winograd"):
+        return winograd.kernel_tiles(kernel, int(name.removeprefix("winograd")))
+    if name == "taps":
+        return kernel_taps(kernel, spatial)
+    return None
+
+
+def kernel_taps(kernel: jax.Array, spatial: Sequence[int]) -> tuple[jax.Array, ...]:
+    """The 3x3 kernel's taps that see an H x W map, as separate arrays, for ``conv_taps`` (not
+    slices taken in a loop over batches: a slice is a copy on XLA:CPU)."""
     return tuple(kernel[a, b] for (a, b), _, _ in tap_regions(spatial))
 
 
@@ -232,13 +264,17 @@ def conv2d(
     impl: str = "auto",
     precision: str | None = "highest",
 ) -> jax.Array:
-    """NHWC input, HWIO kernel, TensorFlow padding (or explicit pairs), no bias."""
+    """NHWC input, HWIO kernel, TensorFlow padding (or explicit pairs), no bias; ``impl`` one of
+    :data:`IMPLEMENTATIONS` or, for one layer, of its ``kernel_candidates``."""
     pads = explicit_padding(x.shape[1:3], kernel.shape[:2], strides, padding)
-    impl = resolve_impl(impl)
-    if impl == "xla":
+    name = static_kernel(impl, kernel.shape, strides, pads, x.shape[1:3])
+    if name not in kernel_candidates(kernel.shape, strides, pads):
+        raise ValueError(f"kernel {name!r} cannot compute a {kernel.shape[0]}x{kernel.shape[1]} convolution "
+                         f"with strides {tuple(strides)} and padding {pads}")
+    if name == "xla":
         return conv_xla(x, kernel, strides, pads, precision)
-    if impl == "winograd":
-        tile_size = winograd_tile_size(kernel.shape, strides, pads, x.shape[1:3])
-        if tile_size is not None:
-            return winograd.conv3x3_same(x, kernel, tile_size, precision)
+    if name.startswith("winograd"):
+        return winograd.conv3x3_same(x, kernel, int(name.removeprefix("winograd")), precision)
+    if name == "taps":
+        return conv_taps(x, kernel_taps(kernel, x.shape[1:3]), precision)
     return conv_gemm(x, kernel, strides, pads, precision)
