@@ -81,6 +81,7 @@ class Conv2D(nn.Module):
             self.put_variable(conv.INFERENCE_KERNELS, "kernel", derived)
         return derived
 
+    @nn.nowrap  # a plain method: it returns a name, which flax would capture as an intermediate
     def _kernel_for(self, x: jax.Array, kernel: jax.Array) -> str:
         """The plan's kernel for this layer's shape, else ``impl`` (its static rule)."""
         if self.plan is None:
