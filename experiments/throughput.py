@@ -45,10 +45,41 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PEERS = HERE / "peers"
-NUM_TRAIN, NUM_TEST, IMAGE_SIZE, NUM_CLASSES, BATCH = 1080, 120, 64, 6, 32
-STEPS_PER_EPOCH = -(-NUM_TRAIN // BATCH)  # 34: what a SIGNS epoch costs, the padded batch included
+NUM_TRAIN, NUM_TEST, NUM_CLASSES = 1080, 120, 6
 GROUPS = ("jax", "torch", "keras")
-IMPLS = ("xla", "gemm", "winograd")
+# 'tuned': conv_impl 'auto' after `python -m resnet_flax.autotune` measured this machine's kernels.
+IMPLS = ("xla", "gemm", "winograd", "tuned")
+# --model: (config.model, config.variant); the PyTorch peer builds the same (peers/torch_resnet50.py).
+MODELS = {"resnet50": ("resnet50", "assignment"), "torchvision-resnet50": ("resnet50", "torchvision"),
+          "torchvision-resnet18": ("resnet18", "torchvision")}
+MODEL_DESCRIPTIONS = {"resnet50": "ResNet-50 (the assignment's)", "torchvision-resnet50": "ResNet-50 (torchvision's layout)",
+                      "torchvision-resnet18": "ResNet-18 (torchvision's layout)"}
+DEFAULT_WORKLOAD = {"model": "resnet50", "image_size": 64, "batch": 32}
+# The workload being measured (set_workload): the assignment's by default.
+MODEL, IMAGE_SIZE, BATCH = DEFAULT_WORKLOAD.values()
+STEPS_PER_EPOCH = -(-NUM_TRAIN // BATCH)  # 34: what a SIGNS epoch costs, the padded batch included
+
+
+def set_workload(model: str, image_size: int, batch: int) -> None:
+    """Which model, image size and batch this process measures (or renders)."""
+    global MODEL, IMAGE_SIZE, BATCH, STEPS_PER_EPOCH
+    MODEL, IMAGE_SIZE, BATCH = model, image_size, batch
+    STEPS_PER_EPOCH = -(-NUM_TRAIN // BATCH)
+
+
+def is_default_workload() -> bool:
+    return (MODEL, IMAGE_SIZE, BATCH) == tuple(DEFAULT_WORKLOAD.values())
+
+
+def workload_config(impl: str, precision: str = "highest"):
+    """The default config for the workload, its convolutions by ``impl``."""
+    from resnet_flax import config as config_lib
+    config = config_lib.default_config()
+    config.model, config.variant = MODELS[MODEL]
+    config.image_size, config.batch_size = IMAGE_SIZE, BATCH
+    config.conv_impl = "auto" if impl == "tuned" else impl
+    config.matmul_precision = precision
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,12 +113,34 @@ def jax_gemm(n: int = 2048, reps: int = 10) -> dict:
 
 
 def worker_machine(args) -> dict:
-    """The float32 matmul rate of the default JAX device, and what that device is."""
+    """The float32 matmul rate of the default JAX device, what that device is, and the workload's
+    FLOPs as direct convolutions."""
     import jax
 
     device = jax.devices()[0]
     return {"backend": jax.default_backend(), "device_kind": device.device_kind, "device": str(device),
-            "device_count": jax.device_count(), **jax_gemm(reps=args.gemm_reps)}
+            "device_count": jax.device_count(), **jax_gemm(reps=args.gemm_reps), **direct_conv_flops()}
+
+
+def direct_conv_flops() -> dict:
+    """FLOPs (2 per multiply-add) of the workload's convolutions computed directly, every tap
+    counted: the same work for every implementation and framework. Training is three times the
+    forward pass (forward, input and kernel gradients) less the stem's input gradient."""
+    from resnet_flax import autotune, models
+
+    config = workload_config("gemm")
+    specs = autotune.model_conv_specs(models.model_from_config(config), BATCH, IMAGE_SIZE, "train", distinct=False)
+
+    def flops(spec):
+        n, h, w, _ = spec.input_shape
+        kh, kw, cin, cout = spec.kernel_shape
+        (top, bottom), (left, right) = spec.pads
+        ho = (h + top + bottom - kh) // spec.strides[0] + 1
+        wo = (w + left + right - kw) // spec.strides[1] + 1
+        return 2 * n * ho * wo * kh * kw * cin * cout
+
+    per_layer = [flops(spec) for spec in specs]
+    return {"conv_flops_forward": sum(per_layer), "conv_flops_train": 3 * sum(per_layer) - per_layer[0]}
 
 
 def worker_jax(args) -> dict:
@@ -100,18 +153,25 @@ def worker_jax(args) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from resnet_flax import config as config_lib
-    from resnet_flax import (checkpoints, evaluation, feeds, input_pipeline, models, program_cache, runtime, steps,
-                             train)
+    from resnet_flax.ops.conv_plan import ConvSpec
+    from resnet_flax import (autotune, checkpoints, evaluation, feeds, input_pipeline, models, program_cache,
+                             runtime, steps, train)
 
     compilation_cache = runtime.enable_compilation_cache(args.cache_dir) if args.cache_dir else None
-    config = config_lib.default_config()
-    config.conv_impl = args.impl
-    config.matmul_precision = args.precision
-    config.batch_size = BATCH
-    model = models.model_from_config(config)
+    config = workload_config(args.impl, args.precision)
+    if args.cache_dir:
+        config.compilation_cache_dir = args.cache_dir
+    # 'tuned': the kernels the driver's `python -m resnet_flax.autotune` measured into this cache,
+    # as a run takes them (autotune.plan_for_run, for a fresh workdir).
+    conv_plan = None
+    if args.impl == "tuned":
+        with tempfile.TemporaryDirectory() as workdir:
+            conv_plan, _ = autotune.plan_for_run(config, autotune.run_specs(config, models.model_from_config(config)),
+                                                 Path(workdir), False, compilation_cache)
+    model = models.model_from_config(config, conv_plan=conv_plan)
+    eval_model = models.model_from_config(config, conv_plan=conv_plan.in_mode("eval")) if conv_plan else model
     capacity = min(config.steps_per_chunk, STEPS_PER_EPOCH)
-    evaluate = evaluation.evaluation_program(model.apply, NUM_CLASSES)
+    evaluate = evaluation.evaluation_program(eval_model.apply, NUM_CLASSES)
     mesh = runtime.make_mesh()
     rng_np = np.random.default_rng(0)
     images = rng_np.integers(0, 256, (NUM_TRAIN, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
@@ -138,7 +198,7 @@ def worker_jax(args) -> dict:
     # JAX_COMPILATION_CACHE_*); a --first-step-only process then starts again on the filled cache
     # (XLA's executables and the exported programs beside them), as a second run would.
     state, train_chunk, compile_s = train.start_training(
-        config, model, STEPS_PER_EPOCH, capacity, mesh, program_cache.for_config(config, compilation_cache))
+        config, model, STEPS_PER_EPOCH, capacity, mesh, program_cache.for_config(config, compilation_cache, conv_plan))
 
     start = time.perf_counter()
     state, sums = run_chunk(state, 0, 1)
@@ -182,7 +242,7 @@ def worker_jax(args) -> dict:
     train_s = time.perf_counter() - start
     chunk_ready.append(train_s)
     chunk_times = [b - a for a, b in zip([0.0] + chunk_ready[:-1], chunk_ready)]
-    loss = float(last["loss_sum"] / last["count"])
+    loss = float(np.sum(last["loss_sum"]) / np.sum(last["count"]))  # the chunk's sums are per step
 
     # Evaluation: SIGNS's 120 test images in batches of 40 (the config's eval_batch_size), and 128
     # images in batches of 32, so neither has padding. The batches are prepared once, as the real
@@ -225,6 +285,9 @@ def worker_jax(args) -> dict:
         "config": f"jax {args.impl}",
         "framework": "jax",
         "conv_impl": args.impl,
+        # Layers whose measured kernel differs from the static rule's ('tuned' only).
+        "kernels_changed": sum(kernel != ConvSpec.from_key(key).static_kernel()
+                               for key, kernel in (conv_plan.as_dict() if conv_plan else {}).items()),
         "precision": args.precision,
         "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
         "batch_size": BATCH,
@@ -362,11 +425,33 @@ def run_worker(name: str, argv: list[str], env_extra: dict | None = None, timeou
     return {"config": name, "error": f"exit status {returncode}", "process_seconds": wall}
 
 
+def workload_argv() -> list[str]:
+    return ["--model", MODEL, "--image-size", str(IMAGE_SIZE), "--batch", str(BATCH)]
+
+
+def tune_argv(cache_dir: str) -> list[str]:
+    """``python -m resnet_flax.autotune`` for the workload's config, into ``cache_dir``."""
+    model, variant = MODELS[MODEL]
+    return ["-m", "resnet_flax.autotune", f"--config={REPO / 'configs' / 'default.py'}", f"--config.model={model}",
+            f"--config.variant={variant}", f"--config.image_size={IMAGE_SIZE}", f"--config.batch_size={BATCH}",
+            f"--config.compilation_cache_dir={cache_dir}"]
+
+
+def run_tuning(cache_dir: str) -> float:
+    """Measures the workload's kernels into ``cache_dir`` (a subprocess); returns its wall time."""
+    start = time.perf_counter()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    print("[autotune] python " + " ".join(tune_argv(cache_dir)), file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, *tune_argv(cache_dir)], env=env, cwd=REPO, check=True)
+    return time.perf_counter() - start
+
+
 def jax_worker_argv(impl: str, precision: str, cache_dir: str, steps: int, quick: bool = False,
                     first_step_only: bool = False) -> list[str]:
     """The command line of a JAX config's worker: the measuring one, or with ``first_step_only``
     the warm start on the cache the measuring one filled."""
-    common = [__file__, "--worker", "jax", "--impl", impl, "--precision", precision, "--cache-dir", cache_dir]
+    common = [__file__, "--worker", "jax", "--impl", impl, "--precision", precision, "--cache-dir", cache_dir,
+              *workload_argv()]
     if first_step_only:
         return [*common, "--first-step-only"]
     return [*common, "--steps", str(steps), *(["--quick"] if quick else []),
@@ -377,8 +462,9 @@ def jax_worker_argv(impl: str, precision: str, cache_dir: str, steps: int, quick
 
 def peer_worker_argv(script: str, steps: int, quick: bool = False) -> list[str]:
     """The command line of a peer's measuring script (``peers/torch_resnet50.py`` or Keras's)."""
+    workload = ["--model", MODEL, "--image-size", str(IMAGE_SIZE)] if script.startswith("torch") else []
     return [str(PEERS / script), "--steps", str(steps), "--warmup", "1" if quick else "3",
-            "--eval-batches", "2" if quick else "10"]
+            "--eval-batches", "2" if quick else "10", "--batch-size", str(BATCH), *workload]
 
 
 def fmt(value, spec: str, missing: str = "n/a", suffix: str = "") -> str:
@@ -428,8 +514,13 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="highest", choices=("highest", "high", "default"),
                         help="the model's matmul/conv precision (config.matmul_precision); 'default' "
                              "lets a GPU use TensorFloat-32")
+    parser.add_argument("--model", default=DEFAULT_WORKLOAD["model"], choices=MODELS,
+                        help="the assignment's ResNet-50, or torchvision's ResNet-50 or ResNet-18 layout")
+    parser.add_argument("--image-size", type=int, default=DEFAULT_WORKLOAD["image_size"])
+    parser.add_argument("--batch", type=int, default=DEFAULT_WORKLOAD["batch"])
     parser.add_argument("--out", default=None,
-                        help="output path without suffix (default experiments/throughput; none with --quick)")
+                        help="output path without suffix (default experiments/throughput, or "
+                             "experiments/throughput_MODEL_SIZEpx_bBATCH for another workload; none with --quick)")
     parser.add_argument("--render", metavar="JSON",
                         help="rewrite the report (the .md beside it) from a run's .json; measures nothing")
     # Worker mode (internal).
@@ -444,6 +535,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--first-step-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    set_workload(args.model, args.image_size, args.batch)
 
     if args.worker:
         args.t0 = args.t0 if args.t0 is not None else time.time()
@@ -456,6 +548,9 @@ def main(argv=None) -> int:
     if args.render:
         path = Path(args.render)
         payload = json.loads(path.read_text())
+        # The FLOP count is a function of the workload alone: counted again, as this code counts it.
+        set_workload(**payload.get("workload", DEFAULT_WORKLOAD))
+        payload["machine"].update(direct_conv_flops())
         rendered_by = " ".join(["python", "experiments/throughput.py", *(argv if argv is not None else sys.argv[1:])])
         md, text, derived = render(payload, rendered_by=rendered_by)
         payload.update(derived)
@@ -472,20 +567,23 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--only: unknown {sorted(unknown)}; expected some of {GROUPS}, jax-xla, jax-gemm")
     impls = [i for i in IMPLS if "jax" in wanted or f"jax-{i}" in wanted]
-    out = Path(args.out) if args.out else (None if args.quick else HERE / "throughput")
+    default_out = HERE / ("throughput" if is_default_workload() else f"throughput_{MODEL}_{IMAGE_SIZE}px_b{BATCH}")
+    out = Path(args.out) if args.out else (None if args.quick else default_out)
     quick = ["--quick"] if args.quick else []
 
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = load_average()
     print(f"load average before: {load_before}", file=sys.stderr, flush=True)
     info = machine_info()
-    machine = run_worker("machine", [__file__, "--worker", "machine", *quick])
+    machine = run_worker("machine", [__file__, "--worker", "machine", *workload_argv(), *quick])
     backend = machine.get("backend", "cpu")
 
     results = []
     for impl in impls:
         with tempfile.TemporaryDirectory() as cache:
+            tuning_s = run_tuning(cache) if impl == "tuned" else None
             result = run_worker(f"jax-{impl}", jax_worker_argv(impl, args.precision, cache, steps, args.quick))
+            result["tuning_seconds"] = tuning_s
             if "error" not in result:
                 result["warm"] = run_worker(f"jax-{impl}-warm", jax_worker_argv(
                     impl, args.precision, cache, steps, first_step_only=True))
@@ -496,13 +594,16 @@ def main(argv=None) -> int:
             skipped.append(f"pytorch: this torch build is CPU-only and JAX runs on {backend}")
         else:
             results.append(run_worker("pytorch", peer_worker_argv("torch_resnet50.py", steps, args.quick)))
-    if "keras" in wanted:
+    if "keras" in wanted and not is_default_workload():
+        skipped.append("keras: its peer is the assignment's model at 64x64, batch 32 only")
+    elif "keras" in wanted:
         results.append(run_worker("keras", peer_worker_argv("keras_resnet50.py", steps, args.quick),
                                   env_extra={"KERAS_BACKEND": "jax"}))
     load_after = load_average()
     finished = datetime.datetime.now(datetime.timezone.utc)
 
-    payload = {"command": command, "started": started.isoformat(), "finished": finished.isoformat(),
+    payload = {"command": command, "workload": {"model": MODEL, "image_size": IMAGE_SIZE, "batch": BATCH},
+               "started": started.isoformat(), "finished": finished.isoformat(),
                "load_average_before": load_before, "load_average_after": load_after,
                "steps_requested": steps, "machine": {**info, **machine}, "results": results,
                "skipped": skipped}
@@ -519,15 +620,18 @@ def main(argv=None) -> int:
 
 def render(payload: dict, rendered_by: str | None = None) -> tuple[str, str, dict]:
     """The Markdown report, the console text and the derived numbers of a run's results."""
+    set_workload(**payload.get("workload", DEFAULT_WORKLOAD))
     results, machine, skipped = payload["results"], payload["machine"], payload.get("skipped", [])
     backend = machine.get("backend", "cpu")
     jax_ok = [r for r in results if r.get("framework") == "jax" and "error" not in r]
     torch_result = next((r for r in results if r.get("framework") == "torch" and "error" not in r), None)
-    # FLOPs per training step: XLA's count for the 'xla' conv (the model's own work), else any.
+    # FLOPs per training step: the direct convolutions' (every tap; the same work for every config),
+    # where the run counted them, else XLA's count for the 'xla' conv, else any.
     by_impl = {r["conv_impl"]: r for r in jax_ok}
     source = by_impl.get("xla") or (jax_ok[0] if jax_ok else None)
-    by_hand = analytic_flops()
-    flops = (source or {}).get("flops_per_train_step_xla") or by_hand["train"]
+    by_hand = analytic_flops(BATCH, IMAGE_SIZE) if MODEL == "resnet50" else None
+    flops = (machine.get("conv_flops_train") or (source or {}).get("flops_per_train_step_xla")
+             or (by_hand or {}).get("train"))
     # The matmul floor: the best float32 jnp.dot rate seen in the run (the driver's own measurement
     # and the one each JAX-based config takes in its process): on a shared machine any single
     # measurement may have been slowed by other processes, the best one least.
@@ -553,21 +657,23 @@ def render(payload: dict, rendered_by: str | None = None) -> tuple[str, str, dic
         f"median {fmt(machine.get('gemm_gflops_median'), '.0f')})"
         + (f"; `torch.mm` in the PyTorch process: {torch_result['gemm_gflops']:.1f} GFLOP/s"
            if torch_result else "") + ".",
-        "- FLOPs per training step (batch 32): "
+        f"- FLOPs per training step (batch {BATCH}): "
         + ", ".join(f"XLA cost analysis ({r['conv_impl']}) {r['flops_per_train_step_xla'] / 1e9:.1f} G"
                     for r in jax_ok if r.get("flops_per_train_step_xla"))
         + (f", PyTorch's FlopCounterMode {torch_result['flops_per_train_step_torch_counter'] / 1e9:.1f} G"
            if torch_result and torch_result.get("flops_per_train_step_torch_counter") else "")
-        + f"; by hand (convs + dense, 2 per MAC) {by_hand['train'] / 1e9:.1f} G, or "
-        f"{by_hand['train_on_image'] / 1e9:.1f} G without the 3x3 taps that fall on the 'same' zero "
-        f"padding (XLA's cost analysis does not count those, and adds the elementwise ops). Forward "
-        f"pass of a batch of 32: by hand {by_hand['forward'] / 1e9:.1f} G "
-        f"({by_hand['forward_on_image'] / 1e9:.1f} G on the image)"
+        + (f"; the direct convolutions, every tap, {machine['conv_flops_train'] / 1e9:.1f} G (the "
+           "work 'achieved GFLOP/s' counts)" if machine.get("conv_flops_train") else "")
+        + (f"; by hand (convs + dense, 2 per MAC) {by_hand['train'] / 1e9:.1f} G, or "
+           f"{by_hand['train_on_image'] / 1e9:.1f} G without the 3x3 taps that fall on the 'same' zero "
+           f"padding (XLA's cost analysis does not count those, and adds the elementwise ops). Forward "
+           f"pass of a batch of {BATCH}: by hand {by_hand['forward'] / 1e9:.1f} G "
+           f"({by_hand['forward_on_image'] / 1e9:.1f} G on the image)" if by_hand else "")
         + "".join(f", XLA ({r['conv_impl']}) {r['flops_per_eval_batch_xla'] / 1e9:.1f} G"
                   for r in jax_ok if r.get("flops_per_eval_batch_xla")) + ".",
         f"- achieved GFLOP/s = {flops / 1e9:.1f} GFLOP per step x steps/s (the same work for every "
         f"config); 'of GEMM rate' divides it by the matmul floor above.",
-        f"- s / SIGNS epoch = {STEPS_PER_EPOCH} steps x 32 / train img/s (1080 images, the last batch "
+        f"- s / SIGNS epoch = {STEPS_PER_EPOCH} steps x {BATCH} / train img/s (1080 images, the last batch "
         f"padded). Train img/s is steady state after warm-up: {steps} timed steps, or as many as fit "
         f"in a minute where steps are very slow (column 'steps timed'); JAX runs an epoch's chunks as "
         f"the real run does, up to {(source or {}).get('steps_per_chunk', 2)} steps per compiled call "
@@ -585,6 +691,9 @@ def render(payload: dict, rendered_by: str | None = None) -> tuple[str, str, dic
                   for r in jax_ok if "compile_seconds" in r.get("warm", {})) + ".",
     ]
     for r in jax_ok:
+        if r.get("tuning_seconds"):
+            notes.append(f"- jax tuned: `python -m resnet_flax.autotune` for this workload took {r['tuning_seconds']:.0f} s "
+                         "before its worker started (once per machine; the worker's cold start does not include it).")
         scanned = BATCH / r["train_images_per_second"]
         notes.append(
             f"- jax {r['conv_impl']}: {scanned:.2f} s per step in the chunks vs "
@@ -607,10 +716,11 @@ def render(payload: dict, rendered_by: str | None = None) -> tuple[str, str, dic
         f"- Memory allocator (all configs): {machine.get('allocator', 'not recorded')}",
     ]
     md = "\n".join([
-        "# ResNet-50 training throughput: this project vs PyTorch and Keras",
+        f"# {MODEL} training throughput at {IMAGE_SIZE}x{IMAGE_SIZE}, batch {BATCH}: this project vs PyTorch"
+        + (" and Keras" if is_default_workload() else ""),
         "",
-        f"ResNet-50 (the assignment's), batch 32, 64x64x3, float32 (JAX conv/matmul precision "
-        f"{precisions}), random SIGNS-shaped data. "
+        f"{MODEL_DESCRIPTIONS[MODEL]}, batch {BATCH}, {IMAGE_SIZE}x{IMAGE_SIZE}x3, float32 (JAX conv/matmul precision "
+        f"{precisions}), random uint8 images, 1080 a training pass. "
         f"Run {started:%Y-%m-%d %H:%M} - {finished:%H:%M} UTC with:",
         "",
         "```bash",

@@ -15,6 +15,7 @@ cold/warm start and memory columns stay ``throughput.py``'s job.
 
 import argparse
 import datetime
+import os
 import statistics
 import sys
 import tempfile
@@ -79,7 +80,9 @@ def main() -> int:
     lines.append("| median | " + " | ".join(medians) + " |")
     info = machine_info()
     lines += ["", f"Machine: {info.get('cpu', '?')}, {info.get('cores', '?')} cores; "
-              f"{', '.join(f'{k} {v}' for k, v in info.get('versions', {}).items())}."]
+              f"{', '.join(f'{k} {v}' for k, v in info.get('versions', {}).items())}; "
+              f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+              f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '')!r}."]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).with_suffix(".md").write_text(text)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from absl import flags
 
-from resnet_flax import (checkpoints, cli, datasets, evaluation, feeds, input_pipeline, metrics, pretrained, runtime,
-                         steps)
+from resnet_flax import (autotune, checkpoints, cli, datasets, evaluation, feeds, input_pipeline, metrics, models,
+                         pretrained, runtime, steps)
 from resnet_flax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -58,7 +58,10 @@ def evaluate_checkpoint(workdir, epoch=None, data_dir=None, batch_size=40, ema=F
         config.data_dir = data_dir
     mesh = runtime.make_mesh()
     feed = test_feed(config, trained.class_names, mesh)
-    evaluate = evaluation.Evaluator(trained.model.apply, config.num_classes, normalization=config.normalization,
+    # The kernels the run evaluated with (its conv_kernels.json), so that the numbers match its own.
+    plan = autotune.saved_plan(checkpoints.checkpoint_root(workdir).parent) if autotune.applies(config) else None
+    model = models.model_from_config(config, conv_plan=plan.in_mode("eval")) if plan else trained.model
+    evaluate = evaluation.Evaluator(model.apply, config.num_classes, normalization=config.normalization,
                                     confusion=True)
     batches = evaluation.EvaluationBatches(feed, batch_size, config.steps_per_chunk, mesh)
     sums = evaluate.total_sums(trained.variables, batches)

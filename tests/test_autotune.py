@@ -273,3 +273,12 @@ def test_a_run_records_its_kernels_and_a_resume_after_retuning_is_bit_identical(
     assert resumed["conv_kernels"]["source"].startswith("the run's own")
     assert_trees_equal(checkpoint_trees(tmp_path / "resumed"), checkpoint_trees(tmp_path / "straight"))
     assert resumed["test_loss"] == straight["test_loss"]
+
+
+def test_verbose_lists_every_layer_shape_with_its_kernel(tmp_path, tiny):
+    config, _, specs = tiny
+    _, record = autotune.plan_for_run(config, specs, tmp_path, False, None)
+    lines = autotune.describe_plan(record).splitlines()
+    assert lines[0].startswith("conv kernels: static rule") and len(lines) == 1 + len(specs)
+    for line, spec in zip(lines[1:], specs):
+        assert spec.describe() in line and line.split()[-1] == spec.static_kernel()

@@ -10,6 +10,10 @@ biases, BatchNorm epsilon 1e-3 and momentum 0.99 (0.01 in PyTorch's convention).
 The softmax of the Keras output layer is folded into ``CrossEntropyLoss`` (same loss, same
 gradients), so the model returns logits.
 
+``--model torchvision-resnet50`` / ``torchvision-resnet18`` time torchvision's own models instead
+(``torchvision.models.resnet50`` / ``resnet18``, 6 classes), and ``--image-size`` any input size
+(the assignment's model then flattens a larger map into ``fc6``, as the JAX model does).
+
 Run on its own: ``python experiments/peers/torch_resnet50.py --steps 20``; with ``--result-file``
 it writes its measurements as JSON (what throughput.py reads).
 """
@@ -64,7 +68,7 @@ class Block(nn.Module):
 
 
 class ResNet50(nn.Module):
-    def __init__(self, num_classes: int = 6):
+    def __init__(self, num_classes: int = 6, image_size: int = 64):
         super().__init__()
         self.pad = nn.ZeroPad2d(3)
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2)
@@ -78,7 +82,10 @@ class ResNet50(nn.Module):
             blocks += [Block(cin, filters, stride=1, conv_shortcut=False) for _ in range(num_blocks - 1)]
         self.blocks = nn.Sequential(*blocks)
         self.avg_pool = nn.AvgPool2d(2, stride=2)
-        self.fc = nn.Linear(2048, num_classes)
+        with torch.no_grad():  # the flattened size: 2048 at 64x64, more on larger images
+            features = self.avg_pool(self.blocks(self.max_pool(self.conv1(self.pad(
+                torch.zeros(1, 3, image_size, image_size)))))).numel()
+        self.fc = nn.Linear(features, num_classes)
         for m in self.modules():  # Keras: Glorot-uniform kernels, zero biases
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(m.weight)
@@ -87,7 +94,20 @@ class ResNet50(nn.Module):
     def forward(self, x):
         x = self.max_pool(self.relu(self.bn_conv1(self.conv1(self.pad(x)))))
         x = self.avg_pool(self.blocks(x))
-        return self.fc(torch.flatten(x, 1))  # 1x1 spatial: NCHW and NHWC flatten agree
+        # At 64x64 the map is 1x1, where NCHW's and NHWC's flatten agree; elsewhere only the order
+        # of fc6's inputs differs, which costs the same.
+        return self.fc(torch.flatten(x, 1))
+
+
+MODELS = ("resnet50", "torchvision-resnet50", "torchvision-resnet18")
+
+
+def build_model(name: str, image_size: int) -> nn.Module:
+    """The assignment's ResNet-50 (``resnet50``) or torchvision's ResNet-50 / ResNet-18, 6 classes."""
+    if name == "resnet50":
+        return ResNet50(6, image_size)
+    import torchvision
+    return getattr(torchvision.models, name.removeprefix("torchvision-"))(num_classes=6)
 
 
 def to_input(images_u8: torch.Tensor) -> torch.Tensor:
@@ -113,6 +133,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=3, help="training steps before timing")
     parser.add_argument("--eval-batches", type=int, default=10, help="measured eval batches per size")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--model", default="resnet50", choices=MODELS)
+    parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--t0", type=float, default=None, help="time.time() at process launch")
     parser.add_argument("--result-file", default=None)
@@ -123,12 +145,13 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     num_train, batch = 1080, args.batch_size
-    images = torch.from_numpy(rng.integers(0, 256, (num_train, 64, 64, 3), dtype=np.uint8))
+    size = args.image_size
+    images = torch.from_numpy(rng.integers(0, 256, (num_train, size, size, 3), dtype=np.uint8))
     labels = torch.from_numpy(rng.integers(0, 6, num_train).astype(np.int64))
     steps_per_epoch = -(-num_train // batch)
     order = torch.from_numpy(rng.permutation(steps_per_epoch * batch) % num_train)
 
-    model = ResNet50(6).to(memory_format=torch.channels_last)
+    model = build_model(args.model, size).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-7)
     loss_fn = nn.CrossEntropyLoss()
 
@@ -182,6 +205,8 @@ def main(argv=None) -> dict:
 
     result = {
         "config": "pytorch (eager, CPU)",
+        "model": args.model,
+        "image_size": size,
         "framework": "torch",
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
