@@ -166,8 +166,8 @@ def worker_jax(args) -> dict:
     conv_plan = None
     if args.impl == "tuned":
         with tempfile.TemporaryDirectory() as workdir:
-            conv_plan, _ = autotune.plan_for_run(config, autotune.run_specs(config, models.model_from_config(config)),
-                                                 Path(workdir), False, compilation_cache)
+            conv_plan, _ = autotune.plan_for_run(config, models.model_from_config(config), Path(workdir), False,
+                                                 compilation_cache)
     model = models.model_from_config(config, conv_plan=conv_plan)
     eval_model = models.model_from_config(config, conv_plan=conv_plan.in_mode("eval")) if conv_plan else model
     capacity = min(config.steps_per_chunk, STEPS_PER_EPOCH)

@@ -232,8 +232,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, mesh, 
                       "test": test_feed.description}
     # The kernel of each convolution: the run's own on a resume, else as measured on this machine.
     conv_plan, conv_kernels = autotune.plan_for_run(
-        config, autotune.run_specs(config, models.model_from_config(config)), workdir,
-        autotune.has_saved_state(workdir), compilation_cache)
+        config, models.model_from_config(config), workdir, autotune.has_saved_state(workdir), compilation_cache,
+        list_kernels=verbose)
     model = models.model_from_config(config, conv_plan=conv_plan)
     eval_model = models.model_from_config(config, conv_plan=conv_plan.in_mode("eval")) if conv_plan else model
     programs = program_cache.for_config(config, compilation_cache, conv_plan)

@@ -196,13 +196,13 @@ def test_entries_that_name_a_kernel_their_shape_cannot_run_are_never_used(tmp_pa
 
 
 def test_a_plan_comes_from_the_cache_and_a_resumed_run_keeps_its_own(tmp_path, tiny):
-    config, _, specs = tiny
+    config, model, specs = tiny
     cache = tmp_path / "cache"
     workdir = tmp_path / "run"
     workdir.mkdir()
     first = {s.key: {"kernel": "xla"} for s in specs}
     autotune.write_choices(autotune.cache_path(cache), first)
-    plan, record = autotune.plan_for_run(config, specs, workdir, False, cache)
+    plan, record = autotune.plan_for_run(config, model, workdir, False, cache)
     assert plan.as_dict() == {key: "xla" for key in first}
     assert record["source"].startswith(f"measured ({len(specs)} of {len(specs)} shapes)")
     saved = json.loads((workdir / autotune.CACHE_FILE).read_text())
@@ -210,15 +210,17 @@ def test_a_plan_comes_from_the_cache_and_a_resumed_run_keeps_its_own(tmp_path, t
 
     # Measured again in between: a resume keeps what the run began with, a fresh run takes the new.
     autotune.write_choices(autotune.cache_path(cache), {s.key: {"kernel": "gemm"} for s in specs})
-    resumed, record = autotune.plan_for_run(config, specs, workdir, True, cache)
+    resumed, record = autotune.plan_for_run(config, model, workdir, True, cache)
     assert resumed.as_dict() == plan.as_dict() and record["source"].startswith("the run's own")
-    fresh, _ = autotune.plan_for_run(config, specs, tmp_path / "run", False, cache)
+    fresh, _ = autotune.plan_for_run(config, model, tmp_path / "run", False, cache)
     assert set(fresh.as_dict().values()) == {"gemm"}
 
-    # Without a cache, or with an explicit conv_impl: the static rule.
-    plan, record = autotune.plan_for_run(config, specs, tmp_path, False, None)
+    # Without a cache, or with an explicit conv_impl: the static rule, its shapes listed when asked.
+    plan, record = autotune.plan_for_run(config, model, tmp_path, False, None)
+    assert len(plan) == 0 and record["kernels"] == {}
+    plan, record = autotune.plan_for_run(config, model, tmp_path, False, None, list_kernels=True)
     assert len(plan) == 0 and record["kernels"] == {s.key: s.static_kernel() for s in specs}
-    plan, record = autotune.plan_for_run(_with(config, conv_impl="gemm"), specs, tmp_path, False, cache)
+    plan, record = autotune.plan_for_run(_with(config, conv_impl="gemm"), model, tmp_path, False, cache)
     assert plan is None and "not measured" in record["source"]
 
 
@@ -276,8 +278,8 @@ def test_a_run_records_its_kernels_and_a_resume_after_retuning_is_bit_identical(
 
 
 def test_verbose_lists_every_layer_shape_with_its_kernel(tmp_path, tiny):
-    config, _, specs = tiny
-    _, record = autotune.plan_for_run(config, specs, tmp_path, False, None)
+    config, model, specs = tiny
+    _, record = autotune.plan_for_run(config, model, tmp_path, False, None, list_kernels=True)
     lines = autotune.describe_plan(record).splitlines()
     assert lines[0].startswith("conv kernels: static rule") and len(lines) == 1 + len(specs)
     for line, spec in zip(lines[1:], specs):
