@@ -5,7 +5,9 @@ For each convolution shape of the config's model (training at ``batch_size``, fo
 backward; evaluation at ``eval_batch_size``, forward from kernels derived once per call), every
 kernel that can compute it (``ops.conv.kernel_candidates``: XLA's convolution, im2col, Winograd
 F(2x2)/F(4x4), per-tap products) runs in a compiled loop, as a training chunk runs its steps, and
-the fastest is kept. The choices go to ``conv_kernels.json`` in the compilation cache folder,
+the fastest is proposed; the proposals are kept only if the whole training step (or evaluation)
+runs faster with them (``confirm``), since a kernel fastest alone is not always fastest in the
+model. The choices go to ``conv_kernels.json`` in the compilation cache folder,
 keyed by the machine (CPU model and instruction sets, cores, jax and jaxlib versions, XLA_FLAGS)
 and the shape. A run with ``conv_impl='auto'`` on CPU takes the choices found there for its shapes
 and the static rule ('winograd') for the rest, so a machine that was never tuned runs as before.
