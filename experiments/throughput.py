@@ -401,11 +401,18 @@ def machine_info() -> dict:
                                   if os.environ.get(k)) or "the C library's malloc"}
 
 
-def run_worker(name: str, argv: list[str], env_extra: dict | None = None, timeout: float = 1500) -> dict:
-    """Runs ``argv`` (+ --t0, --result-file) in a fresh Python, returns its JSON or the failure."""
+def worker_env(env_extra: dict | None = None) -> dict:
+    """A subprocess's environment: this one's, without a JAX compilation cache of its own, the
+    repository on the path."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
     env.update(env_extra or {})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_worker(name: str, argv: list[str], env_extra: dict | None = None, timeout: float = 1500) -> dict:
+    """Runs ``argv`` (+ --t0, --result-file) in a fresh Python, returns its JSON or the failure."""
+    env = worker_env(env_extra)
     with tempfile.TemporaryDirectory() as tmp:
         result_file = Path(tmp) / "result.json"
         full = [sys.executable, *argv, "--t0", repr(time.time()), "--result-file", str(result_file)]
@@ -440,9 +447,8 @@ def tune_argv(cache_dir: str) -> list[str]:
 def run_tuning(cache_dir: str) -> float:
     """Measures the workload's kernels into ``cache_dir`` (a subprocess); returns its wall time."""
     start = time.perf_counter()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
     print("[autotune] python " + " ".join(tune_argv(cache_dir)), file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, *tune_argv(cache_dir)], env=env, cwd=REPO, check=True)
+    subprocess.run([sys.executable, *tune_argv(cache_dir)], env=worker_env(), cwd=REPO, check=True)
     return time.perf_counter() - start
 
 

@@ -24,7 +24,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from resnet_flax import layers, models, runtime
+from resnet_flax import checkpoints, layers, metrics, models, runtime
+from resnet_flax import workdir as workdir_lib
 from resnet_flax.errors import UserError
 from resnet_flax.ops import conv
 from resnet_flax.ops.conv_plan import ConvPlan, ConvSpec, layer_spec
@@ -162,22 +163,21 @@ def _timed(compiled, args, reps: int) -> float:
     return (time.perf_counter() - start) / reps
 
 
-def measure(spec: ConvSpec, devices: int = 1, precision: str = "highest", candidates: Iterable[str] | None = None
-            ) -> dict[str, float]:
+def measure(spec: ConvSpec, devices: int = 1, precision: str = "highest") -> dict[str, float]:
     """Seconds per call of each candidate kernel for ``spec`` (its batch split over ``devices``),
     the static rule's kernel first; a candidate far slower than the best after one call is timed
     no further (its one call is its time)."""
     n, h, w, cin = spec.input_shape
     batch = max(1, n // devices)
-    kh, kw, _, cout = spec.kernel_shape
+    kh, kw, _, _ = spec.kernel_shape
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, h, w, cin), np.float32))
     k = jnp.asarray(rng.standard_normal(spec.kernel_shape, np.float32) / np.sqrt(kh * kw * cin))
     args = (x, k)
     if spec.mode == "train":
-        ho = conv.conv_xla(x[:1], k, spec.strides, spec.pads).shape[1:3]
-        args += (jnp.asarray(rng.standard_normal((batch, *ho, cout), np.float32)),)
-    order = list(candidates or spec.candidates)
+        out = jax.eval_shape(lambda x, k: conv.conv_xla(x, k, spec.strides, spec.pads), x, k)
+        args += (jnp.asarray(rng.standard_normal(out.shape, np.float32)),)
+    order = list(spec.candidates)
     order.sort(key=lambda name: name != spec.static_kernel())
     seconds = {}
     for name in order:
@@ -260,6 +260,7 @@ def write_choices(path: Path, choices: Mapping[str, dict], machine: str | None =
         data["machines"][machine] = {}
     data["machines"][machine].update(choices)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A name of its own (not metrics.write_json's fixed one): two tuning commands may share the cache.
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as file:
         json.dump(data, file, indent=1, sort_keys=True)
     os.replace(file.name, path)
@@ -313,8 +314,8 @@ def plan_for_run(config: Mapping[str, Any], model: nn.Module, workdir: Path, res
 
 def has_saved_state(workdir: Path) -> bool:
     """Whether ``workdir`` holds a checkpoint to resume from (after an epoch or within one)."""
-    return any((Path(workdir) / folder).is_dir() and any(p.name.isdigit() for p in (Path(workdir) / folder).iterdir())
-               for folder in ("checkpoints", "step_checkpoints"))
+    steps = Path(workdir) / checkpoints.STEP_CHECKPOINT_DIR
+    return workdir_lib.has_checkpoints(workdir) or (steps.is_dir() and any(p.name.isdigit() for p in steps.iterdir()))
 
 
 def saved_plan(workdir: Path) -> ConvPlan | None:
@@ -336,9 +337,7 @@ def _read_run_file(path: Path) -> dict[str, str] | None:
 
 
 def _write_run_file(path: Path, kernels: Mapping[str, str]) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as file:
-        json.dump({"machine": machine_key(), "kernels": dict(kernels)}, file, indent=1)
-    os.replace(file.name, path)
+    metrics.write_json(path, {"machine": machine_key(), "kernels": dict(kernels)})
 
 
 def _from_process_0(choices: Mapping[str, str], specs: list[ConvSpec]) -> dict[str, str]:
