@@ -48,6 +48,10 @@ ran). Variants (each names what it changes against the current code):
   convolutions use im2col.
 * ``im2col-at-2x2-in-evaluation``: the inference kernels, but im2col instead of per-tap products
   (``conv.conv_taps``) for the 3x3 convolutions on the 2x2 maps.
+* ``split-products``: every im2col / 1x1 product of at least 2048 rows (and its two gradient
+  products) as two independent products over the halves of its rows, so that XLA:CPU, which
+  runs many single products on one thread inside the step (``step_profile.py``), can run the
+  halves on both cores at once.
 * ``measured-kernels``: each layer's kernel as ``python -m resnet_flax.autotune`` measured it on
   this machine (``conv_impl='auto'`` with a tuning cache), for batch 32 in training and evaluation.
 * ``ynn-reduce-only``, ``no-ynn``: both programs compiled with XLA:CPU's YNNPACK fusions limited to
@@ -173,6 +177,42 @@ def product_with_kernel_gradient(kernel_gradient):
 
     product.defvjp(forward, backward, symbolic_zeros=True)
     return product
+
+
+SPLIT_ROWS = 2048  # products with fewer rows stay whole
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def split_product(patches, kernel, precision):
+    """``patches @ kernel`` as two products over the halves of the rows, the gradients likewise
+    (the kernel's as the sum of the halves' products)."""
+    if patches.shape[0] < SPLIT_ROWS:
+        return jnp.matmul(patches, kernel, precision=precision)
+    half = patches.shape[0] // 2
+    return jnp.concatenate([jnp.matmul(patches[:half], kernel, precision=precision),
+                            jnp.matmul(patches[half:], kernel, precision=precision)])
+
+
+def _split_product_fwd(patches, kernel, precision):
+    kept_kernel = kernel.value if patches.perturbed else None
+    return split_product(patches.value, kernel.value, precision), (patches.value, kept_kernel)
+
+
+def _split_product_bwd(precision, residuals, d_out):
+    patches, kernel = residuals
+    if patches.shape[0] < SPLIT_ROWS:
+        return conv._patches_times_kernel_bwd(precision, residuals, d_out)
+    half = patches.shape[0] // 2
+    d_kernel = (conv.kernel_gradient(patches[:half], d_out[:half], precision)
+                + conv.kernel_gradient(patches[half:], d_out[half:], precision))
+    if kernel is None:
+        return None, d_kernel
+    d_patches = jnp.concatenate([jnp.matmul(d_out[:half], kernel.T, precision=precision),
+                                 jnp.matmul(d_out[half:], kernel.T, precision=precision)])
+    return d_patches, d_kernel + 0.0 * d_patches[0, 0]
+
+
+split_product.defvjp(_split_product_fwd, _split_product_bwd, symbolic_zeros=True)
 
 
 def transposed_kernel_gradient(original):
@@ -428,6 +468,7 @@ VARIANTS = {
     "im2col-at-2x2-in-evaluation": Variant(inference_kernels=mapped_inference_kernels(winograd_kernels_only)),
     "ynn-reduce-only": Variant(compiler_options={"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}),
     "no-ynn": Variant(compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""}),
+    "split-products": Variant(factories=conv_layers(conv2d_with(gemm=im2col_with(split_product)))),
     "measured-kernels": lambda: measured_kernels(),  # built when asked for: it measures first
 }
 
