@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import throughput  # noqa: E402  (the workloads and the machine's description)
+from step_inputs import best_and_median  # noqa: E402
 
 TOP = 12  # products listed (and timed alone)
 _DOT = re.compile(r"= (f32\[[\d,]*\])\S* dot\(%([\w.\-]+)[^)]*\)(.*)")
@@ -121,14 +122,8 @@ def product_alone(m: int, k: int, n: int) -> float:
         return jax.lax.fori_loop(0, 8, body, 0.0)
 
     loop(a, b).block_until_ready()
-    best = min(_seconds(lambda: loop(a, b).block_until_ready()) for _ in range(3))
+    best, _ = best_and_median(lambda: loop(a, b).block_until_ready(), reps=3)
     return 8 * 2 * m * k * n / best / 1e9
-
-
-def _seconds(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
 
 
 def worker(args) -> dict:
