@@ -67,6 +67,11 @@ def set_workload(model: str, image_size: int, batch: int) -> None:
     STEPS_PER_EPOCH = -(-NUM_TRAIN // BATCH)
 
 
+def work_per_step() -> float:
+    """A step's work relative to the assignment's (64x64, batch 32), at least 1: the pixels it sees."""
+    return max(1.0, IMAGE_SIZE ** 2 * BATCH / (64 ** 2 * 32))
+
+
 def is_default_workload() -> bool:
     return (MODEL, IMAGE_SIZE, BATCH) == tuple(DEFAULT_WORKLOAD.values())
 
@@ -209,7 +214,10 @@ def worker_jax(args) -> dict:
         return {"config": f"jax {args.impl} (warm cache)", "compile_seconds": compile_s,
                 "time_to_first_step_seconds": time_to_first_step, "peak_rss_bytes": _peak_rss()}
     # Where a step is so slow (XLA's CPU convolutions: tens of seconds) that whole chunks would
-    # not fit the budget, the same program runs one step per call.
+    # not fit the budget, the same program runs one step per call. Larger images get a budget grown
+    # with their work (jax_worker_argv), so they are timed in whole chunks as the real loop runs
+    # them: one step per call maps the step's scratch memory afresh each time, which at 128x128 made
+    # a step 2x slower than in chunks of 8.
     mean_length = STEPS_PER_EPOCH / len(epoch_chunks)
     if first_chunk_s * mean_length > args.budget_s / 3:
         epoch_chunks, mean_length = [(b, 1) for b in range(STEPS_PER_EPOCH)], 1
@@ -463,7 +471,7 @@ def jax_worker_argv(impl: str, precision: str, cache_dir: str, steps: int, quick
     return [*common, "--steps", str(steps), *(["--quick"] if quick else []),
             "--warmup-chunks", "1" if quick else "2",
             "--eval-images", "128" if quick else "320",
-            "--budget-s", "20" if quick else "60"]
+            "--budget-s", "20" if quick else str(round(60 * work_per_step()))]
 
 
 def peer_worker_argv(script: str, steps: int, quick: bool = False) -> list[str]:
@@ -471,6 +479,16 @@ def peer_worker_argv(script: str, steps: int, quick: bool = False) -> list[str]:
     workload = ["--model", MODEL, "--image-size", str(IMAGE_SIZE)] if script.startswith("torch") else []
     return [str(PEERS / script), "--steps", str(steps), "--warmup", "1" if quick else "3",
             "--eval-batches", "2" if quick else "10", "--batch-size", str(BATCH), *workload]
+
+
+def calls(result: dict) -> str:
+    """How a JAX config's timed training steps were called: whole chunks, or one step per call."""
+    lengths = result.get("chunk_lengths")
+    if not lengths:
+        return "the chunks"
+    if lengths == [1]:
+        return "calls of one step (a whole chunk would not fit the time budget)"
+    return "chunks of " + " and ".join(map(str, lengths)) + " steps"
 
 
 def fmt(value, spec: str, missing: str = "n/a", suffix: str = "") -> str:
@@ -681,9 +699,11 @@ def render(payload: dict, rendered_by: str | None = None) -> tuple[str, str, dic
         f"config); 'of GEMM rate' divides it by the matmul floor above.",
         f"- s / SIGNS epoch = {STEPS_PER_EPOCH} steps x {BATCH} / train img/s (1080 images, the last batch "
         f"padded). Train img/s is steady state after warm-up: {steps} timed steps, or as many as fit "
-        f"in a minute where steps are very slow (column 'steps timed'); JAX runs an epoch's chunks as "
-        f"the real run does, up to {(source or {}).get('steps_per_chunk', 2)} steps per compiled call "
-        f"(one step per call where steps are very slow). Eval b32: "
+        f"in the time budget where steps are very slow (column 'steps timed'; the budget is a minute "
+        f"at 64x64, {round(60 * work_per_step())} s here); JAX runs an epoch's chunks as "
+        f"the real run does, whole chunks of up to {(source or {}).get('steps_per_chunk', 2)} steps per "
+        f"compiled call (one step per call where even one chunk would not fit the budget; each "
+        f"config's note says which). Eval b32: "
         f"128 images in 4 batches per call; b40: SIGNS's 120 test images in 3.",
         "- compile s: cold trace, export and compilation of the training chunk, in the thread "
         "`train.start_training` runs beside the state's initialisation (JAX); Keras: its "
@@ -702,7 +722,7 @@ def render(payload: dict, rendered_by: str | None = None) -> tuple[str, str, dic
                          "before its worker started (once per machine; the worker's cold start does not include it).")
         scanned = BATCH / r["train_images_per_second"]
         notes.append(
-            f"- jax {r['conv_impl']}: {scanned:.2f} s per step in the chunks vs "
+            f"- jax {r['conv_impl']}: {scanned:.2f} s per step in {calls(r)} vs "
             f"{r['single_step_seconds']:.2f} s for the same step jitted alone (no scan, "
             f"{r['single_step_reps']} timed); eval compile {r['eval']['32']['compile_seconds']:.1f} s "
             f"(b32); single-step compile {r['single_step_compile_seconds']:.1f} s; data: {r['data_path']}.")
