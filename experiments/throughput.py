@@ -388,12 +388,24 @@ def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def machine_info() -> dict:
-    cpu = "unknown"
+def cpu_description() -> str:
+    """The CPU's name, family and model and its widest vector set: "AMD EPYC" and "Intel(R) Xeon(R)
+    Processor" each name CPUs with and without AVX-512, whose speed ratios differ."""
+    fields = {}
     for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+        name, _, value = (part.strip() for part in line.partition(":"))
+        if not name:
+            break  # the first processor's block is enough
+        fields.setdefault(name, value)
+    if "model name" not in fields:
+        return "unknown"
+    flags = fields.get("flags", "").split()
+    vectors = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{fields['model name']} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, {vectors})"
+
+
+def machine_info() -> dict:
+    cpu = cpu_description()
     mem = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                 if line.startswith("MemTotal")), None)
     versions = {}

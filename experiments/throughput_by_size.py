@@ -64,7 +64,9 @@ def row(payload: dict) -> str:
 
 def changed(tuned: dict | None) -> str:
     """How many layers the tuned run computes with another kernel than the static rule's."""
-    if not tuned or "kernels_changed" not in tuned:
+    if not tuned:
+        return "n/a (not tuned)"
+    if "kernels_changed" not in tuned:
         return "not recorded (see the tuning log)"
     return str(tuned["kernels_changed"]) if tuned["kernels_changed"] else "none (the same programs)"
 

@@ -11,6 +11,8 @@ cold/warm start and memory columns stay ``throughput.py``'s job.
 
     python experiments/throughput_rounds.py              # 5 rounds, ~6 minutes on 2 cores
     python experiments/throughput_rounds.py --rounds 3 --out /tmp/rounds
+    python experiments/throughput_rounds.py --rounds 3 --model resnet50 --image-size 128
+        # another workload (batch 32): writes experiments/throughput_rounds_resnet50_128px.md
 """
 
 import argparse
@@ -21,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import throughput
 from throughput import HERE, jax_worker_argv, load_average, machine_info, peer_worker_argv, run_worker
 
 
@@ -42,10 +45,17 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--impl", choices=("winograd", "gemm"), default="winograd", help="conv_impl of our side")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per worker")
-    parser.add_argument("--out", default=str(HERE / "throughput_rounds"), help="output path without suffix")
+    parser.add_argument("--model", default=throughput.DEFAULT_WORKLOAD["model"], choices=throughput.MODELS)
+    parser.add_argument("--image-size", type=int, default=throughput.DEFAULT_WORKLOAD["image_size"])
+    parser.add_argument("--out", default=None, help="output path without suffix (default experiments/"
+                        "throughput_rounds, or throughput_rounds_MODEL_SIZEpx for another workload)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    throughput.set_workload(args.model, args.image_size, throughput.DEFAULT_WORKLOAD["batch"])
+    if args.out is None:
+        args.out = str(HERE / ("throughput_rounds" if throughput.is_default_workload()
+                               else f"throughput_rounds_{args.model}_{args.image_size}px"))
 
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = load_average()
@@ -60,9 +70,11 @@ def main() -> int:
     lines = [
         f"# Paired rounds: resnet_flax '{args.impl}' vs PyTorch, alternated",
         "",
-        f"`python experiments/throughput_rounds.py --rounds {args.rounds} --steps {args.steps} --impl {args.impl}`, "
-        f"{started:%Y-%m-%d %H:%M} - {datetime.datetime.now(datetime.timezone.utc):%H:%M} UTC. "
-        f"ResNet-50, batch 32, float32; each round runs `throughput.py`'s 'jax {args.impl}' worker, then its "
+        f"`python experiments/throughput_rounds.py --rounds {args.rounds} --steps {args.steps} --impl {args.impl}"
+        + ("" if throughput.is_default_workload() else f" --model {args.model} --image-size {args.image_size}")
+        + f"`, {started:%Y-%m-%d %H:%M} - {datetime.datetime.now(datetime.timezone.utc):%H:%M} UTC. "
+        f"{throughput.MODEL_DESCRIPTIONS[args.model]}, {args.image_size}x{args.image_size}, batch 32, float32; "
+        f"each round runs `throughput.py`'s 'jax {args.impl}' worker, then its "
         f"PyTorch worker (images/s, steady state). Load average before {load_before}, after {load_average()}.",
         "",
         "| round | " + " | ".join(f"{name} ours | {name} PyTorch | {name} ratio" for name, _ in METRICS) + " |",
