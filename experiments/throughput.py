@@ -214,12 +214,11 @@ def worker_jax(args) -> dict:
         return {"config": f"jax {args.impl} (warm cache)", "compile_seconds": compile_s,
                 "time_to_first_step_seconds": time_to_first_step, "peak_rss_bytes": _peak_rss()}
     # Where a step is so slow (XLA's CPU convolutions: tens of seconds) that one chunk would not fit
-    # the whole budget, the same program runs one step per call. Every other config is timed in whole
-    # chunks, as the real loop runs them: one step per call maps the step's scratch memory afresh each
-    # time, which at 128x128 made a step 2x slower than in chunks of 8. The first call is much the
-    # slowest (2.2 s against 0.5-0.7 s for the next one-step calls at 64x64 on a 2-core Xeon), so it
-    # is held against the whole budget; larger images get a budget grown with their work
-    # (jax_worker_argv).
+    # the whole budget, the same program runs one step per call. Every other config is timed in
+    # whole chunks, as the real loop runs them: one step per call maps the step's scratch memory
+    # afresh each time (the same step jitted alone took 4-37% longer than in the chunks in every
+    # by-size report on a 2-core Xeon). The first call took 1.7-3.1x a chunk's step there, so it is
+    # held against the whole budget, and larger images get a budget grown with their work.
     mean_length = STEPS_PER_EPOCH / len(epoch_chunks)
     if first_chunk_s * mean_length > args.budget_s:
         epoch_chunks, mean_length = [(b, 1) for b in range(STEPS_PER_EPOCH)], 1
