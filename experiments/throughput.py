@@ -67,9 +67,10 @@ def set_workload(model: str, image_size: int, batch: int) -> None:
     STEPS_PER_EPOCH = -(-NUM_TRAIN // BATCH)
 
 
-def work_per_step() -> float:
-    """A step's work relative to the assignment's (64x64, batch 32), at least 1: the pixels it sees."""
-    return max(1.0, IMAGE_SIZE ** 2 * BATCH / (64 ** 2 * 32))
+def train_budget_s() -> int:
+    """A JAX worker's time budget: a minute for the assignment's step (64x64, batch 32), grown with
+    the pixels a larger step sees, so its chunks fit as the assignment's do."""
+    return round(60 * max(1.0, IMAGE_SIZE ** 2 * BATCH / (64 ** 2 * 32)))
 
 
 def is_default_workload() -> bool:
@@ -484,7 +485,7 @@ def jax_worker_argv(impl: str, precision: str, cache_dir: str, steps: int, quick
     return [*common, "--steps", str(steps), *(["--quick"] if quick else []),
             "--warmup-chunks", "1" if quick else "2",
             "--eval-images", "128" if quick else "320",
-            "--budget-s", "20" if quick else str(round(60 * work_per_step()))]
+            "--budget-s", "20" if quick else str(train_budget_s())]
 
 
 def peer_worker_argv(script: str, steps: int, quick: bool = False) -> list[str]:
@@ -713,7 +714,7 @@ def render(payload: dict, rendered_by: str | None = None) -> tuple[str, str, dic
         f"- s / SIGNS epoch = {STEPS_PER_EPOCH} steps x {BATCH} / train img/s (1080 images, the last batch "
         f"padded). Train img/s is steady state after warm-up: {steps} timed steps, or as many as fit "
         f"in the time budget where steps are very slow (column 'steps timed'; the budget is a minute "
-        f"at 64x64, {round(60 * work_per_step())} s here); JAX runs an epoch's chunks as "
+        f"at 64x64, {train_budget_s()} s here); JAX runs an epoch's chunks as "
         f"the real run does, whole chunks of up to {(source or {}).get('steps_per_chunk', 2)} steps per "
         f"compiled call (one step per call where even one chunk would not fit the budget; each "
         f"config's note says which). Eval b32: "
