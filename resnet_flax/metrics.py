@@ -55,9 +55,7 @@ class MetricsWriter:
         self.enabled = enabled
         self._tensorboard = None
         if enabled:
-            from tensorboardX import SummaryWriter  # imported here: heavy, and only process 0 needs it
-
-            self._tensorboard = SummaryWriter(str(self.workdir / "tensorboard"))
+            self._tensorboard = _summary_writer_class()(str(self.workdir / "tensorboard"))
 
     @property
     def jsonl_path(self) -> Path:
@@ -85,6 +83,24 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported here (heavy, and only process 0 needs it).
+
+    tensorboardX imports torch whenever torch is installed, only to accept torch tensors: 2-3 s
+    of every run's start-up. The writer gets Python floats, so torch is hidden from that import
+    unless something has loaded it already.
+    """
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def plot_curves(records: Sequence[Mapping[str, float]], path: Path, title: str = "") -> None:
