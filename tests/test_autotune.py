@@ -131,7 +131,8 @@ def test_a_plan_runs_the_kernels_it_names_in_training_and_evaluation(tiny):
     three_by_three = [s for s in specs if s.kernel_shape[:2] == (3, 3)]
     plan = ConvPlan.from_mapping({s.key: "xla" for s in three_by_three})
     images = jnp.zeros((config.batch_size, config.image_size, config.image_size, 3))
-    variables = model.init(jax.random.key(0), images[:1], train=False)
+    # Shapes only: the jaxprs and the derived kernels' tree say which kernels run.
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images[:1], train=False))
     planned = models.model_from_config(config, conv_plan=plan)
     train_layers = sum(s.mode == "train" for s in three_by_three)
     assert _jaxpr_convolutions(model, variables, images, train=False) == 0
@@ -139,9 +140,9 @@ def test_a_plan_runs_the_kernels_it_names_in_training_and_evaluation(tiny):
 
     # Evaluation's model: XLA's convolution leaves those layers without derived kernels.
     eval_images = jnp.zeros((config.eval_batch_size, *images.shape[1:]))
-    static = evaluation.inference_kernels(model.apply, variables, eval_images)
+    static = jax.eval_shape(lambda v: evaluation.inference_kernels(model.apply, v, eval_images), variables)
     eval_plan = models.model_from_config(config, conv_plan=plan.in_mode("eval"))
-    derived = evaluation.inference_kernels(eval_plan.apply, variables, eval_images)
+    derived = jax.eval_shape(lambda v: evaluation.inference_kernels(eval_plan.apply, v, eval_images), variables)
     assert len(jax.tree.leaves(derived)) < len(jax.tree.leaves(static))
     # An explicit conv_impl wins over any plan.
     explicit = models.model_from_config(_with(config, conv_impl="gemm"), conv_plan=plan)

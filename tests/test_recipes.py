@@ -205,8 +205,8 @@ def test_a_run_without_moving_average_has_none_to_load(smoke_run):
 @pytest.mark.slow
 def test_signs_transfer_config_fine_tunes_imported_weights(tmp_path, capsys):
     """configs/signs_transfer.py as documented, from random 1000-class weights (nothing is
-    downloaded here), with ResNet-18 and one epoch to keep it short."""
-    from conftest import REPO
+    downloaded here), with ResNet-18, one epoch and 64 SIGNS-layout images to keep it short."""
+    from conftest import REPO, write_signs_h5
     from resnet_flax.config import load_config_file
     from resnet_flax.torch_io.__main__ import imported_config
 
@@ -216,7 +216,7 @@ def test_signs_transfer_config_fine_tunes_imported_weights(tmp_path, capsys):
                              source_config)
     config = load_config_file(REPO / "configs" / "signs_transfer.py")
     config.update(model="resnet18", restore_from=str(tmp_path / "tv_resnet18"), num_epochs=1,
-                  bn_recalibration_batches=0)
+                  bn_recalibration_batches=0, data_dir=str(write_signs_h5(tmp_path / "data", num_train=64)))
     summary = train.train_and_evaluate(config, tmp_path / "run")
     assert "fc starts fresh for 6 classes" in capsys.readouterr().out
     assert summary["epochs"] == 1 and np.isfinite(summary["test_loss"])
