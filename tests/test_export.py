@@ -11,7 +11,7 @@ import onnx
 import onnxruntime
 import pytest
 
-from conftest import REPO
+from conftest import REPO, random_variables
 from resnet_flax import config as config_lib
 from resnet_flax import export, input_pipeline, models, pretrained
 
@@ -46,20 +46,7 @@ def test_the_export_command_writes_a_model_that_predicts_as_flax(smoke_run, sign
 @pytest.mark.slow
 def test_resnet50_exports_with_flax_probabilities(signs_images):
     model = models.ResNet50(num_classes=6)
-    # Random weights and running statistics (not the initial 0 and 1, so inference mode is
-    # exercised), drawn with numpy: compiling ResNet-50's init would take longer than the export.
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
-    rng = np.random.default_rng(0)
-
-    def draw(path, shape):
-        name = path[-1].key
-        if name == "kernel":
-            return rng.normal(0.0, np.sqrt(2.0 / np.prod(shape.shape[:-1])), shape.shape).astype(np.float32)
-        if name in ("scale", "var"):
-            return rng.uniform(0.5, 1.5, shape.shape).astype(np.float32)
-        return rng.normal(0.0, 0.1, shape.shape).astype(np.float32)  # bias, mean
-
-    variables = jax.tree_util.tree_map_with_path(draw, shapes)
+    variables = random_variables(model, 64)
     proto = export.to_onnx(model, variables, config_lib.default_config(), {"model": "resnet50"})
     images = signs_images[:6]
     expected = jax.jit(export.probabilities_fn(model, variables))(jnp.asarray(images, jnp.float32))

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_variables
 from resnet_flax import models
 
 # torchvision.models.resnet{18,34,50,101,152}(num_classes=1000): sum(p.numel() for p in parameters()).
@@ -126,29 +127,31 @@ def test_plain_twins_drop_exactly_the_shortcut_layers(variant):
     assert any(shortcut(p) for p, _ in residual) and not any(shortcut(p) for p, _ in plain)
 
 
+@functools.cache
+def tiny_step_outputs(variant, conv_impl):
+    """(logits, gradients, BatchNorm updates, inference logits) of a training step of resnet_tiny
+    at 32x32, from the same random variables whatever the conv implementation (one layout)."""
+    images = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3))
+    labels = jnp.arange(4) % 6
+    model = models.create_model("resnet_tiny", num_classes=6, variant=variant, conv_impl=conv_impl)
+    variables = random_variables(model, 32)
+
+    def loss(params):
+        logits, updates = model.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
+        return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), (logits, updates)
+
+    grads, (logits, updates) = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+    inference = jax.jit(functools.partial(model.apply, train=False))(variables, images)
+    return logits, grads, updates, inference
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["torchvision", "preact"])
 @pytest.mark.parametrize("conv_impl", ["gemm", "winograd"])
 def test_cpu_kernels_compute_every_layout_as_xla_does(variant, conv_impl):
     """Outputs, gradients and BatchNorm statistics of a training step of resnet_tiny at 32x32
     (stride-2 3x3 convs with symmetric padding, maps 8x8 to 2x2), against XLA's convolution."""
-    images = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3))
-    labels = jnp.arange(4) % 6
-
-    def outputs(impl):
-        model = models.create_model("resnet_tiny", num_classes=6, variant=variant, conv_impl=impl)
-        variables = model.init(jax.random.key(0), images[:1], train=False)
-
-        def loss(params):
-            logits, updates = model.apply({**variables, "params": params}, images, train=True,
-                                          mutable=["batch_stats"])
-            return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), (logits, updates)
-
-        grads, (logits, updates) = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
-        inference = jax.jit(functools.partial(model.apply, train=False))(variables, images)
-        return logits, grads, updates, inference
-
-    reference, ours = outputs("xla"), outputs(conv_impl)
+    reference, ours = tiny_step_outputs(variant, "xla"), tiny_step_outputs(variant, conv_impl)
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(ours), strict=True):
         # Float32 rounding of differently ordered sums (Winograd's a few 1e-6 of the scale).
         scale = float(jnp.max(jnp.abs(a))) + 1e-6
