@@ -206,14 +206,13 @@ def test_a_run_without_moving_average_has_none_to_load(smoke_run):
 def test_signs_transfer_config_fine_tunes_imported_weights(tmp_path, capsys):
     """configs/signs_transfer.py as documented, from random 1000-class weights (nothing is
     downloaded here), with ResNet-18, one epoch and 64 SIGNS-layout images to keep it short."""
-    from conftest import REPO, write_signs_h5
+    from conftest import REPO, random_variables, write_signs_h5
     from resnet_flax.config import load_config_file
     from resnet_flax.torch_io.__main__ import imported_config
 
     source_config = imported_config("resnet18", 1000)
-    source = steps.create_train_state(source_config, models.model_from_config(source_config), steps_per_epoch=1)
-    pretrained.save_imported(tmp_path / "tv_resnet18", {"params": source.params, "batch_stats": source.batch_stats},
-                             source_config)
+    source = random_variables(models.model_from_config(source_config), 64)
+    pretrained.save_imported(tmp_path / "tv_resnet18", source, source_config)
     config = load_config_file(REPO / "configs" / "signs_transfer.py")
     config.update(model="resnet18", restore_from=str(tmp_path / "tv_resnet18"), num_epochs=1,
                   bn_recalibration_batches=0, data_dir=str(write_signs_h5(tmp_path / "data", num_train=64)))

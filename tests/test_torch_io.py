@@ -86,10 +86,13 @@ def test_imported_torchvision_model_gives_torchvisions_probabilities(name, photo
     # The same pixels through this project's preprocessing (predict's) and normalisation.
     images = np.stack([input_pipeline.resize_image(np.asarray(photo), 224, "imagenet") for photo in photos])
     np.testing.assert_allclose(trained.probabilities(images), expected, atol=1e-5, rtol=0)
-    # predict reads the file and applies the checkpoint's preprocessing itself.
-    photos[0].save(tmp_path / "photo.png")
-    (result,) = predict.classify(trained, [tmp_path / "photo.png"])
-    np.testing.assert_allclose(result["probabilities"], expected[0], atol=1e-5, rtol=0)
+    # predict reads the files and applies the checkpoint's preprocessing itself (all four in one
+    # batch: the program above, not another compiled for one image).
+    files = [tmp_path / f"photo{i}.png" for i in range(len(photos))]
+    for photo, file in zip(photos, files):
+        photo.save(file)
+    results = predict.classify(trained, files)
+    np.testing.assert_allclose([r["probabilities"] for r in results], expected, atol=1e-5, rtol=0)
 
     # Back to torchvision: exactly the same tensors, so exactly the same outputs.
     for suffix in (".pth", ".safetensors"):
